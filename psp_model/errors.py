@@ -1,0 +1,23 @@
+"""The two kinds of user-facing failure: a bad configuration and a bad case."""
+
+from __future__ import annotations
+
+
+class ConfigError(ValueError):
+    """A configuration problem, reported before any work starts.
+
+    Carries every problem found (file, key, fix) so the user fixes them all in one go.
+    """
+
+    def __init__(self, problems: list[str]):
+        self.problems = list(problems)
+        super().__init__("\n".join(self.problems))
+
+
+class CaseError(Exception):
+    """One case cannot be used; the others go on. The message is the reason shown in the QC report."""
+
+    def __init__(self, case_id: str, reason: str):
+        self.case_id = case_id
+        self.reason = reason
+        super().__init__(f"{case_id}: {reason}")

@@ -1,0 +1,1 @@
+"""Local preprocessing at a site: nothing computed here leaves the site except named aggregates."""

@@ -1,0 +1,1 @@
+"""Local training loops (one site); the federation calls them."""
