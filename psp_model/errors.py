@@ -21,3 +21,10 @@ class CaseError(Exception):
         self.case_id = case_id
         self.reason = reason
         super().__init__(f"{case_id}: {reason}")
+
+
+class InputError(ValueError):
+    """A file's content is unusable (truncated, malformed, inconsistent geometry...).
+
+    Raised by readers, which do not know the case; the per-case runner turns it into a ``CaseError``.
+    """
