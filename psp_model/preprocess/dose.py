@@ -11,9 +11,10 @@ DOSE_FEATURES: tuple[str, ...] = ("mean", "min", "median", "d98")
 def lesion_dose_statistics(doses: np.ndarray, weights: np.ndarray | None = None) -> dict[str, float]:
     """Volume-weighted dose statistics (Gy) of the lesion voxels.
 
-    D98 is the highest dose d such that at least 98 % of the lesion volume receives >= d: the
-    volume-weighted 2nd percentile with the inverted CDF and no interpolation (see
-    shared/notes/imaging.md). ``np.percentile(d, 2)`` interpolates and differs for small lesions.
+    D98 is the highest dose d such that at least 98 % of the lesion volume receives >= d
+    (shared/notes/imaging.md): the inverted cumulative dose-volume histogram, no interpolation.
+    ``np.percentile(d, 2)`` interpolates and differs for small lesions; numpy's weighted
+    ``inverted_cdf`` quantile at 0.02 is one voxel lower when 2 % falls exactly on a voxel boundary.
 
     Args:
         doses: dose at each lesion voxel, shape (V,).
@@ -35,5 +36,13 @@ def lesion_dose_statistics(doses: np.ndarray, weights: np.ndarray | None = None)
         "mean": float(np.average(doses, weights=weights)),
         "min": float(doses.min()),
         "median": float(np.quantile(doses, 0.5, weights=weights, method="inverted_cdf")),
-        "d98": float(np.quantile(doses, 0.02, weights=weights, method="inverted_cdf")),
+        "d98": dose_at_volume_fraction(doses, weights, 0.98),
     }
+
+
+def dose_at_volume_fraction(doses: np.ndarray, weights: np.ndarray, fraction: float) -> float:
+    """D_x: the highest dose received by at least ``fraction`` of the (weighted) volume."""
+    order = np.argsort(doses)[::-1]
+    covered = np.cumsum(weights[order]) / weights.sum()
+    index = int(np.searchsorted(covered, fraction - 1e-12, side="left"))
+    return float(doses[order][min(index, doses.size - 1)])
