@@ -56,6 +56,8 @@ class SiteConfig:
         enhancing_labels: label values of the lesion map that form the enhancing lesion
             (BraTS 2021 convention: 1 necrotic core, 4 enhancing; 2 oedema is not lesion).
         privacy: the site's own privacy policy.
+        work_dir: where this site's preprocessed inputs, caches, QC reports and audit log go
+            (default ``<root>/../psp-fl-work/<name>``; the data folder itself is only read).
         source: the YAML file this was read from (for error messages).
     """
 
@@ -65,7 +67,12 @@ class SiteConfig:
     root: Path
     enhancing_labels: tuple[int, ...] = (1, 4)
     privacy: PrivacyPolicy = field(default_factory=PrivacyPolicy)
+    work_dir: Path | None = None
     source: Path | None = None
+
+    def __post_init__(self) -> None:
+        if self.work_dir is None:
+            object.__setattr__(self, "work_dir", self.root.parent / "psp-fl-work" / self.name)
 
 
 def load_site_config(path: str | Path, *, require_root: bool = True) -> SiteConfig:
@@ -151,6 +158,16 @@ def site_config_from_dict(
 
     privacy = _privacy_from_dict(raw.get("privacy", {}), problem)
 
+    work_dir = None
+    if raw.get("work_dir") is not None:
+        if not isinstance(raw["work_dir"], str) or not raw["work_dir"]:
+            problem("work_dir", f"expected a folder path, got {raw['work_dir']!r}",
+                    "give a writable folder for preprocessed data, or remove the key for the default")
+        else:
+            work_dir = Path(raw["work_dir"]).expanduser()
+            if not work_dir.is_absolute() and source is not None:
+                work_dir = (source.parent / work_dir).resolve()
+
     if problems:
         raise ConfigError(problems)
     return SiteConfig(
@@ -160,6 +177,7 @@ def site_config_from_dict(
         root=root,
         enhancing_labels=tuple(labels),
         privacy=privacy,
+        work_dir=work_dir,
         source=source,
     )
 
