@@ -1,0 +1,1 @@
+"""psp-client: what a hospital runs. Thin Flower ClientApp + CLI over psp_model."""

@@ -1,0 +1,17 @@
+"""``psp-client``: the hospital side. Each subcommand lives in its own module; this file registers them."""
+
+from __future__ import annotations
+
+import typer
+
+from client import preprocess_cmd
+
+app = typer.Typer(
+    name="psp-client",
+    help="Run a hospital's side of a psp-fl federation: preprocess and check local data, join a study.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+app.command("preprocess")(preprocess_cmd.preprocess)
+app.command("check")(preprocess_cmd.check)

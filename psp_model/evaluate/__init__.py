@@ -1,0 +1,1 @@
+"""Metrics (incl. from site aggregates), plots and reports."""

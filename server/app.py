@@ -1,0 +1,28 @@
+"""The Flower ServerApp: parse the study config once, then run the study's phases."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from flwr.app import Context
+from flwr.serverapp import Grid, ServerApp
+
+from psp_model.study import StudyConfig
+from server.run_dir import RunDir
+from server.study_runner import run_study
+
+
+def build_server_app(study: StudyConfig | None = None) -> ServerApp:
+    """The ServerApp; ``study`` replaces the run config (Flower's in-process simulation has none)."""
+    app = ServerApp()
+
+    @app.main()
+    def main(grid: Grid, context: Context) -> None:
+        config = study or StudyConfig.from_run_config(dict(context.run_config))
+        run_dir = Path(config.run_dir) if config.run_dir else Path.cwd() / "runs" / f"run-{grid.run.run_id}"
+        run_study(grid, config, RunDir(run_dir))
+
+    return app
+
+
+app = build_server_app()
