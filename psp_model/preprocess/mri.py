@@ -128,7 +128,8 @@ def mr_transforms(config: MRConfig, landmarks: NyulLandmarks | None, *, lesion: 
 
 
 def preprocess_mr(
-    case: Case, config: MRConfig, landmarks: NyulLandmarks | None, *, lesion: bool = True
+    case: Case, config: MRConfig, landmarks: NyulLandmarks | None, *, lesion: bool = True,
+    enhancing_labels: tuple[int, ...] | None = None,
 ) -> dict[str, Any]:
     """Read and preprocess one case's T1CE, FLAIR (and lesion), checking the inputs on the way.
 
@@ -137,6 +138,8 @@ def preprocess_mr(
         config: output geometry.
         landmarks: combined Nyul landmarks; None gives unstandardised intensities (to fit landmarks).
         lesion: False for cases without a lesion mask (self-supervised pretraining).
+        enhancing_labels: labels of the enhancing lesion that must stay inside the crop (None: every
+            label > 0). Oedema reaching past the box is kept as a loss of context, not an error.
 
     Returns:
         ``image`` float32 ``(2, *size)``, ``lesion`` uint8 ``size`` (None when ``lesion=False``),
@@ -151,10 +154,10 @@ def preprocess_mr(
     d = _apply(_resample(config, lesion), d)
     if not bool(d[BRAIN].any()):
         raise InputError("empty brain: no voxel > 0 in t1ce or flair (expected skull-stripped MR with a 0 background)")
-    before = int((d[LESION] > 0).sum()) if lesion else 0
+    before = _lesion_voxels(d[LESION], enhancing_labels) if lesion else 0
     d = _apply(_crop(config, lesion), d)
     if lesion:
-        kept = int((d[LESION] > 0).sum())
+        kept = _lesion_voxels(d[LESION], enhancing_labels)
         if kept < before:
             fov = config.field_of_view_mm
             fov_text = f"{fov[0]:g}" if len(set(fov)) == 1 else "x".join(f"{mm:g}" for mm in fov)
@@ -197,6 +200,12 @@ def _apply(transforms: list, data: dict[str, Any]) -> dict[str, Any]:
     for transform in transforms:
         data = transform(data)
     return data
+
+
+def _lesion_voxels(lesion: Any, labels: tuple[int, ...] | None) -> int:
+    values = torch.as_tensor(lesion)
+    inside = values > 0 if labels is None else torch.isin(values, torch.tensor(labels, dtype=values.dtype))
+    return int(inside.sum())
 
 
 def _keys(lesion: bool) -> list[str]:
