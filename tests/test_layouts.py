@@ -82,7 +82,7 @@ def test_public_readers_on_the_generated_sites(tiny_cohort):
     assert upenn.problems == [] and [c.case_id for c in upenn.cases][:2] == ["UPENN-GBM-00001_11", "UPENN-GBM-00002_11"]
     assert [c.lesion is not None for c in upenn.cases] == [True, False, True, False, True]  # some have no segmentation
     ucsf = read_ucsf_pdgm(tiny_cohort / "ucsf_pdgm")
-    assert ucsf.problems == [] and len(ucsf.cases) == 4
+    assert ucsf.problems == [] and len(ucsf.cases) == 5
     brats_ids = {c.case_id for c in brats.cases}
     aliases = {c.case_id: c.also_known_as for c in ucsf.cases}
     assert aliases == {"UCSF-PDGM-0004": ("BraTS2021_00000",), "UCSF-PDGM-0005": ("BraTS2021_00002",),
