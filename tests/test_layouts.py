@@ -86,7 +86,7 @@ def test_public_readers_on_the_generated_sites(tiny_cohort):
     brats_ids = {c.case_id for c in brats.cases}
     aliases = {c.case_id: c.also_known_as for c in ucsf.cases}
     assert aliases == {"UCSF-PDGM-0004": ("BraTS2021_00000",), "UCSF-PDGM-0005": ("BraTS2021_00002",),
-                       "UCSF-PDGM-0006": (), "UCSF-PDGM-0007": ()}
+                       "UCSF-PDGM-0006": (), "UCSF-PDGM-0007": (), "UCSF-PDGM-0008": ()}
     assert {a for names in aliases.values() for a in names} <= brats_ids
 
 
