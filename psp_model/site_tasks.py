@@ -131,21 +131,25 @@ class LocalSite:
 
 
 def site_statistics(local: LocalSite) -> Reply:
-    """Phase ``stats``: Nyul landmarks, clinical sums and class counts (test sites: counts only)."""
+    """Phase ``stats``: Nyul landmarks, clinical sums and class counts.
+
+    A test site sends its counts only (for the cohort table): nothing it holds may shape training.
+    """
     run = local.prepare()
     reply = Reply(configs={"site-name": local.site.name, "site-roles": list(local.site.roles)})
     reply.metrics.update({"n-cases-ok": float(run.n_ok), "n-cases-error": float(len(run.results) - run.n_ok)})
     data = local.data
     local.require_count(len(data), "statistics")
     reply.metrics["num-examples"] = float(len(data))
+    if data.records is not None:
+        labels = data.labels
+        reply.metrics.update({"n-tp": float(labels.sum()), "n-psp": float(len(labels) - labels.sum())})
     if "test" in local.site.roles:
         return reply
     reply.arrays.update(landmarks_to_arrays(data.local_landmarks()))
     if data.records is not None:
-        labels = data.labels
         stats = fit_clinical_stats(data.records, data.dose)
         reply.arrays.update({f"clinical.{k}": v for k, v in stats.to_arrays().items()})
-        reply.metrics.update({"n-tp": float(labels.sum()), "n-psp": float(len(labels) - labels.sum())})
     return reply
 
 

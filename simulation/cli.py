@@ -12,6 +12,7 @@ import typer
 
 from simulation.cohort import SITE_CONFIG_DIR, SUMMARY_FILE, TRUTH_FILE, generate_cohort
 from simulation.profiles import PROFILES
+from simulation.run_cmd import run
 
 app = typer.Typer(
     help="Synthetic multi-site cohorts for psp-fl (phantoms on the MNI152 template, DICOM CT/RTDOSE).",
@@ -63,3 +64,6 @@ def cohort(
         typer.echo(f"  {name:10s} {', '.join(site['roles'])}: {site['n']} cases{extra} -> {out / name}")
     typer.echo(f"site configs: {out / SITE_CONFIG_DIR}/<site>.yaml")
     typer.echo(f"truth (for evaluation only): {out / TRUTH_FILE}, {out / SUMMARY_FILE}")
+
+
+app.command("run", short_help="Cohort -> preprocessing at every site -> federated study -> report.")(run)
