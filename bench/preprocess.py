@@ -1,0 +1,176 @@
+"""Preprocessing benchmark: seconds and peak memory per case, per stage, on MNI phantoms with known truth.
+
+    OMP_NUM_THREADS=1 .venv/bin/python bench/preprocess.py --profile full --cases 3 \\
+        --schedules default,rigid,quick --threads 2 --json bench/preprocess.json
+
+Each case is a phantom from :mod:`simulation.phantom` at the profile's voxel size: a follow-up T1CE
+moved by a random rigid offset (up to 10 deg / 15 mm), with a lesion, bias field and noise, and the
+raw-HU planning CT; both cropped to a 160 mm cube around the brain (160^3 MR voxels at ``full``).
+Stages run one after the other on each case; each row of the table is one stage (and variant).
+Wall seconds depend on what else runs on the machine: the report gives the load average and the
+process CPU seconds too.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from psp_model.preprocess.register import RegistrationConfig, register_mr_to_ct  # noqa: E402
+from simulation import phantom  # noqa: E402
+from simulation.profiles import PROFILES  # noqa: E402
+
+CROP_MM = 160.0
+SCHEDULES: dict[str, Callable[[], RegistrationConfig]] = {
+    "default": RegistrationConfig,
+    "rigid": RegistrationConfig.ants_rigid,
+    "quick": RegistrationConfig.ants_quick_rigid,
+}
+
+
+@dataclass(frozen=True)
+class Case:
+    case_id: str
+    t1ce: nib.Nifti1Image
+    ct: nib.Nifti1Image
+    mr_to_ct: np.ndarray
+    brain_points: np.ndarray
+    """RAS mm (MR world) of the brain voxels, for target registration errors."""
+
+
+def make_case(seed: int, voxel_mm: float) -> Case:
+    rng = np.random.default_rng(seed)
+    template = phantom.load_template(voxel_mm)
+    mr_to_ct, _ = phantom.sample_rigid(rng)
+    lesion = phantom.sample_lesion(rng, template, rng.uniform())
+    images, _, brain = phantom.render_mr(template, lesion, mr_to_ct, ("t1ce",))
+    t1ce = phantom.scanner(rng, images["t1ce"], brain, gain=1000.0, noise=0.03, bias=0.15)
+    ct = phantom.ct_hu(rng, template).astype(np.float32)
+    centre_ct = template.voxel_centres(np.asarray(template.brain) > 0.5).mean(axis=0)
+    centre_mr = np.linalg.solve(mr_to_ct, [*centre_ct, 1.0])[:3]
+    t1ce_image = _crop(t1ce, template.affine, centre_mr)
+    brain_image = _crop(np.asarray(brain), template.affine, centre_mr)
+    voxels = np.argwhere(np.asarray(brain_image.dataobj) > 0.5)
+    points = voxels @ brain_image.affine[:3, :3].T + brain_image.affine[:3, 3]
+    return Case(f"phantom-{seed}", t1ce_image, _crop(ct, template.ct_affine, centre_ct), mr_to_ct, points)
+
+
+def _crop(data: np.ndarray, affine: np.ndarray, centre_mm: np.ndarray) -> nib.Nifti1Image:
+    """The CROP_MM cube around a world point (clipped to the volume), as a new image."""
+    centre = np.linalg.solve(affine, [*centre_mm, 1.0])[:3]
+    half = CROP_MM / 2.0 / np.linalg.norm(affine[:3, :3], axis=0)
+    lower = np.clip(np.round(centre - half).astype(int), 0, data.shape)
+    upper = np.clip(np.round(centre + half).astype(int), 0, data.shape)
+    cropped = affine.copy()
+    cropped[:3, 3] = affine[:3, :3] @ lower + affine[:3, 3]
+    box = tuple(slice(a, b) for a, b in zip(lower, upper))
+    return nib.Nifti1Image(np.ascontiguousarray(data[box]), cropped)
+
+
+def registration_stage(schedule: str) -> Callable[[Case], dict]:
+    config = SCHEDULES[schedule]()
+
+    def run(case: Case) -> dict:
+        result = register_mr_to_ct(case.t1ce, case.ct, config=config)
+        points = np.c_[case.brain_points, np.ones(len(case.brain_points))].T
+        errors = np.linalg.norm((result.mr_to_ct @ points - case.mr_to_ct @ points)[:3], axis=0)
+        return {"tre_mean_mm": float(errors.mean()), "tre_max_mm": float(errors.max()),
+                "rotation_deg": result.rotation_deg, "brain_overlap": result.brain_overlap}
+
+    return run
+
+
+def _reset_peak_rss() -> None:
+    """Linux: writing 5 to clear_refs resets VmHWM, so each stage gets its own peak."""
+    Path("/proc/self/clear_refs").write_text("5")
+
+
+def _rss_mib(field: str) -> float:
+    """VmRSS (now) or VmHWM (peak since the last reset) of this process, MiB."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) / 1024.0
+    raise RuntimeError(f"no {field} in /proc/self/status: this benchmark needs Linux")
+
+
+def measure(stage: Callable[[Case], dict], case: Case) -> dict:
+    _reset_peak_rss()
+    base = _rss_mib("VmRSS")
+    wall, cpu = time.perf_counter(), time.process_time()
+    extra = stage(case)
+    return {"case": case.case_id, "seconds": time.perf_counter() - wall, "cpu_seconds": time.process_time() - cpu,
+            "peak_rss_mib": _rss_mib("VmHWM"), "rss_before_mib": base, **extra}
+
+
+def summarise(name: str, runs: list[dict]) -> dict:
+    row = {"stage": name, "cases": len(runs)}
+    for key in runs[0]:
+        if key != "case":
+            values = np.array([run[key] for run in runs], dtype=float)
+            row[key] = float(values.max() if key.endswith(("_max_mm", "_rss_mib")) else values.mean())
+    return row
+
+
+def print_table(rows: list[dict]) -> None:
+    columns = ["stage", "cases", "seconds", "cpu_seconds", "peak_rss_mib", "rss_before_mib", "tre_mean_mm",
+               "tre_max_mm"]
+    print("| " + " | ".join(columns) + " |")
+    print("|" + "---|" * len(columns))
+    for row in rows:
+        cells = [row.get(c, "") for c in columns]
+        print("| " + " | ".join(f"{c:.2f}" if isinstance(c, float) else str(c) for c in cells) + " |")
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--profile", choices=sorted(PROFILES), default="full",
+                        help="voxel size of the phantoms (full = 1 mm, 160^3 MR crop); default full")
+    parser.add_argument("--cases", type=int, default=3, help="number of phantom cases; default 3")
+    parser.add_argument("--schedules", default="default",
+                        help=f"comma-separated registration schedules out of {sorted(SCHEDULES)}; default 'default'")
+    parser.add_argument("--threads", type=int, default=2, help="ITK threads (set before ants is imported); default 2")
+    parser.add_argument("--seed", type=int, default=100, help="seed of the first case; default 100")
+    parser.add_argument("--json", type=Path, help="also write the rows and every run to this JSON file")
+    args = parser.parse_args(argv)
+    unknown = sorted(set(args.schedules.split(",")) - set(SCHEDULES))
+    if unknown:
+        parser.error(f"unknown schedule(s) {unknown}; choose from {sorted(SCHEDULES)}")
+    os.environ["ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS"] = str(args.threads)
+
+    voxel_mm = PROFILES[args.profile].voxel_mm
+    stages = {f"registration[{s}]": registration_stage(s) for s in args.schedules.split(",")}
+    print(f"profile {args.profile} ({voxel_mm:g} mm), {args.cases} cases, ITK threads {args.threads}, "
+          f"stages {list(stages)}", flush=True)
+    runs: dict[str, list[dict]] = {name: [] for name in stages}
+    load_before = os.getloadavg()
+    for index in range(args.cases):
+        case = make_case(args.seed + index, voxel_mm)
+        for name, stage in stages.items():
+            runs[name].append(measure(stage, case))
+            print(f"  {case.case_id} {name}: " + ", ".join(
+                f"{k} {v:.2f}" for k, v in runs[name][-1].items() if isinstance(v, float)), flush=True)
+    rows = [summarise(name, stage_runs) for name, stage_runs in runs.items()]
+    print_table(rows)
+    load = {"before": load_before, "after": os.getloadavg()}
+    print(f"load average (1, 5, 15 min) before {load['before']}, after {load['after']}; {os.cpu_count()} CPUs")
+    if args.json:
+        args.json.write_text(json.dumps({
+            "profile": args.profile, "voxel_mm": voxel_mm, "threads": args.threads, "load_average": load,
+            "machine": platform.platform(), "cpus": os.cpu_count(), "rows": rows, "runs": runs,
+        }, indent=2))
+
+
+if __name__ == "__main__":
+    main()
