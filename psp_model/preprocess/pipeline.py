@@ -27,7 +27,7 @@ from psp_model.layouts import Case, read_site
 from psp_model.preprocess.qc import CaseResult, write_qc_report
 from psp_model.sites import SiteConfig
 
-PIPELINE_VERSION = "2"
+PIPELINE_VERSION = "3"
 """Bump when preprocessing changes what it writes: every cached case is then recomputed."""
 
 FEATURE_COLUMNS: tuple[str, ...] = (
@@ -176,7 +176,7 @@ def _compute_case(case: Case, site: SiteConfig, settings: PreprocessSettings, np
             record = parse_clinical(case.case_id, case.clinical, require_label=True)
         stage = "mri"
         mr = _timed(result, stage, lambda: preprocess_mr(case, MRConfig.preset(settings.profile), None,
-                                                         lesion=labelled))
+                                                         lesion=labelled, enhancing_labels=site.enhancing_labels))
         landmarks = fit_nyul([mr["image"]], [mr["brain"]])
         if site.layout == "psp-case" and labelled:
             result.features.update(_dose_and_clinical(case, site, settings, record, result))
@@ -210,7 +210,8 @@ def _dose_and_clinical(case: Case, site: SiteConfig, settings: PreprocessSetting
     registration = _timed(result, "registration", lambda: register_mr_to_ct(
         t1ce, ct, deterministic=settings.deterministic_registration))
     result.checks.update({"translation_mm": float(registration.translation_mm),
-                          "rotation_deg": float(registration.rotation_deg)})
+                          "rotation_deg": float(registration.rotation_deg),
+                          "brain_overlap": float(registration.brain_overlap)})
     lesion = nib.load(case.lesion)
     features = _timed(result, "dose_features", lambda: dose_features(
         dose, lesion, labels=site.enhancing_labels, lesion_to_dose=registration.mr_to_ct,
