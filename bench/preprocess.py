@@ -1,7 +1,12 @@
 """Preprocessing benchmark: seconds and peak memory per case, per stage, on MNI phantoms with known truth.
 
     OMP_NUM_THREADS=1 .venv/bin/python bench/preprocess.py --profile full --cases 3 \\
-        --schedules default,rigid,quick --threads 2 --json bench/preprocess.json
+        --schedules default,quick,rigid --threads 2 --json bench/results/preprocess_full_cpu.json
+    OMP_NUM_THREADS=1 .venv/bin/python bench/preprocess.py --pipeline --profile full --cases 3 --threads 2
+
+``--pipeline`` times the real site pipeline (``psp_model.preprocess.pipeline.preprocess_site``) end
+to end on a synthetic training site written in the profile's resolution: DICOM CT and RTDOSE
+reading, the MR pipeline, registration and dose features, per stage, plus the process's peak memory.
 
 Each case is a phantom from :mod:`simulation.phantom` at the profile's voxel size: a follow-up T1CE
 moved by a random rigid offset (up to 10 deg / 15 mm), with a lesion, bias field and noise, and the
@@ -143,7 +148,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--threads", type=int, default=2, help="ITK threads (set before ants is imported); default 2")
     parser.add_argument("--seed", type=int, default=100, help="seed of the first case; default 100")
     parser.add_argument("--json", type=Path, help="also write the rows and every run to this JSON file")
+    parser.add_argument("--pipeline", action="store_true",
+                        help="time the whole site pipeline per stage on a generated synthetic site instead")
     args = parser.parse_args(argv)
+    if args.pipeline:
+        os.environ["ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS"] = str(args.threads)
+        return pipeline_benchmark(args.profile, args.cases, args.seed, args.json)
     unknown = sorted(set(args.schedules.split(",")) - set(SCHEDULES))
     if unknown:
         parser.error(f"unknown schedule(s) {unknown}; choose from {sorted(SCHEDULES)}")
@@ -170,6 +180,53 @@ def main(argv: list[str] | None = None) -> None:
             "profile": args.profile, "voxel_mm": voxel_mm, "threads": args.threads, "load_average": load,
             "machine": platform.platform(), "cpus": os.cpu_count(), "rows": rows, "runs": runs,
         }, indent=2))
+
+
+def _write_site(out: Path, profile: str, cases: int, seed: int) -> None:
+    from dataclasses import replace
+
+    from simulation.cohort import generate_cohort
+    from simulation.profiles import Profile
+
+    spec = PROFILES[profile]
+    site = replace(spec.site("burdenko"), n_cases=cases)
+    generate_cohort(out, seed=seed, profile=Profile(f"{profile}-bench", spec.voxel_mm, sites=(site,)), progress=False)
+
+
+def pipeline_benchmark(profile: str, cases: int, seed: int, json_path: Path | None) -> None:
+    """Per-stage seconds of ``preprocess_site`` (the cohort is written in a child process)."""
+    import resource
+    import tempfile
+    from concurrent.futures import ProcessPoolExecutor
+
+    from psp_model.preprocess.pipeline import PreprocessSettings, preprocess_site
+    from psp_model.sites import load_site_config
+
+    with tempfile.TemporaryDirectory() as tmp:
+        with ProcessPoolExecutor(1) as pool:
+            pool.submit(_write_site, Path(tmp), profile, cases, seed).result()
+        site = load_site_config(Path(tmp) / "site_configs" / "burdenko.yaml")
+        load_before = os.getloadavg()
+        started = time.perf_counter()
+        run = preprocess_site(site, PreprocessSettings(profile=profile), progress=False)
+        wall = time.perf_counter() - started
+    ok = [r for r in run.results if r.status == "ok"]
+    stages = sorted({stage for r in ok for stage in r.seconds})
+    rows = [{"stage": stage, "mean_s": float(np.mean([r.seconds[stage] for r in ok])),
+             "max_s": float(np.max([r.seconds[stage] for r in ok]))} for stage in stages]
+    per_case = [sum(r.seconds.values()) for r in ok]
+    peak_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print(f"profile {profile}: {len(ok)} of {len(run.results)} cases ok, wall {wall:.1f} s "
+          f"({wall / max(len(run.results), 1):.1f} s per case incl. reading and writing)")
+    print("| stage | mean s | max s |\n|---|---|---|")
+    for row in rows:
+        print(f"| {row['stage']} | {row['mean_s']:.2f} | {row['max_s']:.2f} |")
+    print(f"| **total per case (stages)** | {np.mean(per_case):.2f} | {np.max(per_case):.2f} |")
+    print(f"peak RSS of the process: {peak_mib:.0f} MiB; load average before {load_before}, after {os.getloadavg()}")
+    if json_path:
+        json_path.write_text(json.dumps({"profile": profile, "cases": len(run.results), "ok": len(ok), "wall_s": wall,
+                                         "stages": rows, "per_case_s": per_case, "peak_rss_mib": peak_mib,
+                                         "load_average": [load_before, os.getloadavg()]}, indent=2))
 
 
 if __name__ == "__main__":
