@@ -8,6 +8,8 @@ import tempfile
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
+import numpy as np
+
 
 def atomic_write(path: Path, write: Callable[[Path], None]) -> Path:
     """Call ``write(tmp)`` on a temporary file beside ``path``, fsync it, then rename it over ``path``.
@@ -44,3 +46,13 @@ def sha256_files(paths: Iterable[Path], *, extra: bytes = b"") -> str:
             for block in iter(lambda: stream.read(1 << 20), b""):
                 digest.update(block)
     return digest.hexdigest()
+
+
+def atomic_save_npz(path: Path, arrays: dict[str, np.ndarray]) -> Path:
+    """``np.savez`` ``arrays`` to ``path`` atomically (through a stream: np.savez renames plain paths)."""
+
+    def write(tmp: Path) -> None:
+        with open(tmp, "wb") as stream:
+            np.savez(stream, **arrays)
+
+    return atomic_write(path, write)

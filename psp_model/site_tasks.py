@@ -18,9 +18,9 @@ import torch
 from sklearn.model_selection import StratifiedKFold
 
 from psp_model.evaluate.metrics import score_histograms
-from psp_model.io import atomic_write, atomic_write_text
+from psp_model.io import atomic_save_npz, atomic_write, atomic_write_text
 from psp_model.nets.encoder import MRIEncoder, SSLAutoencoder, encoder_fingerprint
-from psp_model.nets.fusion import HeadConfig, build_classifier, load_trainable_state, trainable_state
+from psp_model.nets.fusion import HeadConfig, build_classifier, load_trainable_state
 from psp_model.preprocess.clinical import FeatureManifest, encode, fit_clinical_stats
 from psp_model.preprocess.nyul import NyulLandmarks
 from psp_model.preprocess.pipeline import PreprocessSettings, SiteRun, preprocess_site
@@ -177,7 +177,7 @@ def install_study_model(local: LocalSite, encoder_arrays: dict[str, np.ndarray],
     fingerprint = encoder_fingerprint(encoder)
     folder = local.install_dir(fingerprint)
     atomic_write(folder / "encoder.pt", lambda tmp: torch.save(encoder.state_dict(), tmp))
-    atomic_write(folder / "landmarks.npz", lambda tmp: _save_npz(tmp, landmarks.to_arrays()))
+    atomic_save_npz(folder / "landmarks.npz", landmarks.to_arrays())
     atomic_write_text(folder / "manifest.json", manifest.to_json())
     return Reply(metrics={"num-examples": float(len(local.data))}, configs={"encoder-hash": fingerprint})
 
@@ -281,8 +281,3 @@ def evaluate_site(local: LocalSite, fold_heads: list[dict[str, np.ndarray]], *, 
     reply.metrics.update({"num-examples": float(len(labels)), "n-tp": float(labels.sum()),
                           "n-psp": float(len(labels) - labels.sum())})
     return reply
-
-
-def _save_npz(path: Path, arrays: dict[str, np.ndarray]) -> None:
-    with open(path, "wb") as stream:
-        np.savez(stream, **arrays)

@@ -41,8 +41,7 @@ def metrics_from_histograms(hist: np.ndarray, *, threshold: float = 0.5) -> dict
     n_neg, n_pos = negatives.sum(), positives.sum()
     n_bins = hist.shape[1]
     cut = int(np.ceil(threshold * n_bins - 1e-9))
-    tp, fn = positives[cut:].sum(), positives[:cut].sum()
-    tn, fp = negatives[:cut].sum(), negatives[cut:].sum()
+    tp, tn = positives[cut:].sum(), negatives[:cut].sum()
     defined = n_pos > 0 and n_neg > 0
     if defined:
         below = np.concatenate([[0.0], np.cumsum(negatives)[:-1]])

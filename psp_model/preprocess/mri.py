@@ -6,11 +6,11 @@ shared/notes/method.md, "Local preprocessing" step 1; the paper feeds a 2 x 160^
 
 from __future__ import annotations
 
+import zlib
 from collections.abc import Hashable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
-import zlib
 
 import nibabel as nib
 import numpy as np

@@ -22,7 +22,7 @@ import numpy as np
 
 from psp_model import schema
 from psp_model.errors import CaseError, InputError
-from psp_model.io import atomic_write, atomic_write_text, sha256_files
+from psp_model.io import atomic_save_npz, atomic_write_text, sha256_files
 from psp_model.layouts import Case, read_site
 from psp_model.preprocess.qc import CaseResult, write_qc_report
 from psp_model.sites import SiteConfig
@@ -186,7 +186,7 @@ def _compute_case(case: Case, site: SiteConfig, settings: PreprocessSettings, np
         if mr["lesion"] is not None:
             arrays["lesion"] = mr["lesion"].astype(np.uint8)
         arrays.update({f"landmarks_{k}": v for k, v in landmarks.to_arrays().items()})
-        atomic_write(npz_path, lambda tmp: _save_npz(tmp, arrays))
+        atomic_save_npz(npz_path, arrays)
     except CaseError as exc:
         return CaseResult(case.case_id, "error", exc.reason, stage=result.stage or stage, seconds=result.seconds)
     except (InputError, OSError) as exc:
@@ -244,10 +244,6 @@ def _timed(result: CaseResult, stage: str, work: Callable):
     result.seconds[stage] = round(time.perf_counter() - start, 3)
     return value
 
-
-def _save_npz(path: Path, arrays: dict[str, np.ndarray]) -> None:
-    with open(path, "wb") as stream:
-        np.savez(stream, **arrays)
 
 
 def _write_features(results: list[CaseResult], path: Path) -> Path:
