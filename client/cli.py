@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import typer
 
-from client import preprocess_cmd
+from client import keys_cmd, preprocess_cmd, start_cmd
 
 app = typer.Typer(
     name="psp-client",
@@ -15,3 +15,5 @@ app = typer.Typer(
 )
 app.command("preprocess")(preprocess_cmd.preprocess)
 app.command("check")(preprocess_cmd.check)
+app.command("keys")(keys_cmd.keys)
+app.command("start")(start_cmd.start)

@@ -34,6 +34,8 @@ class StudyConfig:
         ssl_local_epochs / finetune_local_epochs: local epochs per round at each site.
         min_replies: successful site replies a round needs; fewer aborts the phase (never a
             "global" model that is one site's update).
+        min_sites: connected sites to wait for (up to ``round_timeout``) before the study starts;
+            0 starts with whoever is connected (simulation starts every site at once).
         strategy: ``fedavg`` (weighted by examples) or ``fedprox`` (``proximal_mu`` > 0).
         round_timeout: seconds to wait for replies in one round.
         resume: continue from the last checkpoint in ``run_dir``.
@@ -54,6 +56,7 @@ class StudyConfig:
     finetune_rounds: int = 3
     finetune_local_epochs: int = 5
     min_replies: int = 1
+    min_sites: int = 0
     strategy: str = "fedavg"
     proximal_mu: float = 0.0
     round_timeout: float = 3600.0
@@ -120,6 +123,7 @@ class StudyConfig:
         for key in ("ssl_rounds", "finetune_rounds", "ssl_local_epochs", "finetune_local_epochs", "batch_size"):
             check(getattr(self, key) >= 1, key.replace("_", "-"), f"{getattr(self, key)} is below 1", "use 1 or more")
         check(self.min_replies >= 1, "min-replies", f"{self.min_replies} is below 1", "use 1 or more")
+        check(self.min_sites >= 0, "min-sites", f"{self.min_sites} is negative", "use 0 (no wait) or more")
         check(self.strategy in STRATEGIES, "strategy", f"unknown strategy {self.strategy!r}",
               f"use one of {list(STRATEGIES)}")
         check(self.proximal_mu >= 0, "proximal-mu", f"{self.proximal_mu} is negative", "use 0 or more")

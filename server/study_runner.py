@@ -269,10 +269,13 @@ def _federated_rounds(fed: Federation, phase: str, fold: int | None, sites: list
 
 
 def _wait_for_nodes(fed: Federation) -> list[int]:
+    """Connected nodes, once at least ``min-sites`` (or one) are there; a clear error after the timeout."""
+    needed = max(1, fed.study.min_sites)
     deadline = time.monotonic() + fed.study.round_timeout
-    while not (node_ids := sorted(fed.grid.get_node_ids())):
+    while len(node_ids := sorted(fed.grid.get_node_ids())) < needed:
         if time.monotonic() > deadline:
-            raise StudyError("no site connected within round-timeout; start the sites' SuperNodes first")
+            raise StudyError(f"{len(node_ids)} site(s) connected within round-timeout, min-sites = {needed}; "
+                             "start the sites' SuperNodes (psp-client start) or lower min-sites")
         time.sleep(1)
     return node_ids
 
