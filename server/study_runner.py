@@ -79,6 +79,9 @@ def run_study(grid: Grid, study: StudyConfig, run: RunDir) -> dict:
     encoder = phase_ssl(fed, landmarks) if "ssl" in phases else _released(run, "encoder")
     results: dict = {}
     if "finetune" in phases or "evaluate" in phases:
+        if manifest is None:
+            raise StudyError("no training site sent statistics, so there is no feature manifest to fine-tune "
+                             "or evaluate with: check that a site with role 'train' is connected and has usable cases")
         encoder_hash = install_model(fed, encoder, landmarks, manifest)
         heads = [phase_finetune(fed, fold, manifest, encoder_hash) if "finetune" in phases
                  else _released(run, f"fold_{fold}") for fold in range(study.folds)]
@@ -93,8 +96,11 @@ def run_study(grid: Grid, study: StudyConfig, run: RunDir) -> dict:
     return results
 
 
-def phase_stats(fed: Federation) -> tuple[NyulLandmarks, FeatureManifest]:
-    """Ask every site for aggregates; combine landmarks (ssl + train sites) and clinical stats (train only)."""
+def phase_stats(fed: Federation) -> tuple[NyulLandmarks, FeatureManifest | None]:
+    """Ask every site for aggregates; combine landmarks (ssl + train sites) and clinical stats (train only).
+
+    The feature manifest is None when no training site answered (enough for an SSL-only study).
+    """
     node_ids = _wait_for_nodes(fed)
     probes = [Site(node_id=n, name=str(n), roles=[]) for n in node_ids]
     replies = fed.send(probes, MessageType.QUERY, {"config": ConfigRecord({PHASE_KEY: "stats"})})
@@ -114,15 +120,14 @@ def phase_stats(fed: Federation) -> tuple[NyulLandmarks, FeatureManifest]:
             clinical_parts.append(ClinicalStats.from_arrays(
                 {k.removeprefix("clinical."): v for k, v in arrays.items() if k.startswith("clinical.")}))
     fed.sites.sort(key=lambda s: s.name)
-    if not clinical_parts:
-        raise StudyError("no training site sent statistics: check that a site with role 'train' is connected "
-                         "and that its QC report has usable cases")
+    if not landmark_parts:
+        raise StudyError("no ssl or training site sent statistics: check the sites' QC reports and logs")
     landmarks = combine_landmarks(landmark_parts)
-    manifest = build_manifest(ClinicalStats.combine(clinical_parts))
+    manifest = build_manifest(ClinicalStats.combine(clinical_parts)) if clinical_parts else None
     fed.run.write_json("stats.json", {
         "sites": [vars(s) for s in fed.sites],
         "nyul_landmarks": {k: v.tolist() for k, v in landmarks.to_arrays().items()},
-        "feature_manifest": manifest.to_json(),
+        "feature_manifest": manifest.to_json() if manifest else None,
     })
     log(INFO, "stats: %d sites: %s", len(fed.sites), ", ".join(f"{s.name} {s.roles}" for s in fed.sites))
     return landmarks, manifest

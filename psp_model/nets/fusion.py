@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 import torch
-from monai.networks.blocks import TransformerBlock
+from monai.networks.blocks import SABlock
 from torch import nn
 
 from psp_model.errors import ConfigError
@@ -148,9 +148,10 @@ class MultimodalHead(nn.Module):
         self.clinical_encoder = nn.Sequential(nn.Linear(config.n_clinical, m * d), nn.GELU())
         self.token_norm = nn.LayerNorm(d)
         self.cross_attention = GuidedCrossAttention(d, config.dropout)
-        self.self_attention = TransformerBlock(
-            hidden_size=d, mlp_dim=2 * d, num_heads=config.num_heads, dropout_rate=config.dropout
-        )
+        # One self-attention layer as in the paper (pre-norm, residual), without a transformer MLP:
+        # the MLP would double what travels per fine-tuning round (ViT-B: 6.6 M -> 4.2 M parameters).
+        self.self_norm = nn.LayerNorm(d)
+        self.self_attention = SABlock(hidden_size=d, num_heads=config.num_heads, dropout_rate=config.dropout)
         self.pool = AttentionPool(d)
         self.classifier = nn.Sequential(
             nn.LayerNorm(d),
@@ -169,7 +170,8 @@ class MultimodalHead(nn.Module):
         clinical = _check_clinical(clinical, self.config.n_clinical)
         e_c = self.clinical_encoder(clinical).reshape(clinical.shape[0], self.config.n_clinical_tokens, -1)
         e_ic, cross = self.cross_attention(e_c, self.token_norm(image_tokens))
-        fused = self.self_attention(torch.cat([e_ic, e_c], dim=1))
+        tokens = torch.cat([e_ic, e_c], dim=1)
+        fused = tokens + self.self_attention(self.self_norm(tokens))
         pooled, pool_weights = self.pool(fused)
         return {"logits": self.classifier(pooled).squeeze(-1), "cross_attention": cross, "pool_weights": pool_weights}
 
