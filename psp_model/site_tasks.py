@@ -106,7 +106,7 @@ class LocalSite:
 
     @cached_property
     def data(self) -> SiteData:
-        self.prepare()
+        """The preprocessed cases (``prepare`` runs in the ``stats`` phase, before any other)."""
         return load_site_data(self.site, labelled=self.labelled)
 
     def require_count(self, n: int, what: str) -> None:

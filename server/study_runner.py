@@ -69,29 +69,43 @@ class Federation:
 
 
 def run_study(grid: Grid, study: StudyConfig, run: RunDir) -> dict:
-    """Run the study's phases; return the final metrics (also written to ``metrics.json``)."""
+    """Run the study's phases; return the final metrics (also written to ``metrics.json``).
+
+    ``timings.json`` records the wall seconds of every phase and of the whole study.
+    """
     random.seed(study.seed)
     run.root.mkdir(parents=True, exist_ok=True)
     run.write_json("config.json", study.to_run_config())
     fed = Federation(grid, study, run)
-    landmarks, manifest = phase_stats(fed)
+    timings: dict[str, float] = {}
+
+    def timed(name: str, work):
+        started = time.perf_counter()
+        value = work()
+        timings[name] = timings.get(name, 0.0) + time.perf_counter() - started
+        return value
+
+    study_started = time.perf_counter()
+    landmarks, manifest = timed("stats", lambda: phase_stats(fed))
     phases = study.phase_list
-    encoder = phase_ssl(fed, landmarks) if "ssl" in phases else _released(run, "encoder")
+    encoder = timed("ssl", lambda: phase_ssl(fed, landmarks)) if "ssl" in phases else _released(run, "encoder")
     results: dict = {}
     if "finetune" in phases or "evaluate" in phases:
         if manifest is None:
             raise StudyError("no training site sent statistics, so there is no feature manifest to fine-tune "
                              "or evaluate with: check that a site with role 'train' is connected and has usable cases")
-        encoder_hash = install_model(fed, encoder, landmarks, manifest)
-        heads = [phase_finetune(fed, fold, manifest, encoder_hash) if "finetune" in phases
-                 else _released(run, f"fold_{fold}") for fold in range(study.folds)]
+        encoder_hash = timed("install", lambda: install_model(fed, encoder, landmarks, manifest))
+        heads = [timed("finetune", lambda fold=fold: phase_finetune(fed, fold, manifest, encoder_hash))
+                 if "finetune" in phases else _released(run, f"fold_{fold}") for fold in range(study.folds)]
         run.write_json("models/ensemble.json", {
             "profile": study.profile, "head_variant": study.head_variant, "folds": study.folds,
             "encoder_hash": encoder_hash, "feature_manifest": manifest.to_json(),
             "nyul_landmarks": {k: v.tolist() for k, v in landmarks.to_arrays().items()},
         })
         if "evaluate" in phases:
-            results = phase_evaluate(fed, heads, encoder_hash)
+            results = timed("evaluate", lambda: phase_evaluate(fed, heads, encoder_hash))
+    timings["study"] = time.perf_counter() - study_started
+    run.write_json("timings.json", timings)
     _write_rounds(fed)
     return results
 
