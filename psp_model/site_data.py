@@ -23,12 +23,14 @@ _LANDMARK_PREFIX = "landmarks_"
 class SiteData:
     """The usable (QC ok) cases of one site, in case-id order.
 
+    ``input_keys`` are the preprocessing cache keys (hashes of each case's inputs and settings).
     ``images`` are the raw cached MR arrays ``(n, 2, *size)``; :meth:`standardized` applies the
     study's (combined) Nyul landmarks and the z-normalisation. Clinical fields are None at SSL-only sites.
     """
 
     site: str
     case_ids: list[str]
+    input_keys: list[str]
     images: np.ndarray
     brains: np.ndarray
     case_landmarks: list[NyulLandmarks]
@@ -47,7 +49,11 @@ class SiteData:
 
     def standardized(self, landmarks: NyulLandmarks) -> np.ndarray:
         """Model inputs ``(n, 2, *size)`` float32 with the given landmarks."""
-        return np.stack([standardize_mr(img, brain, landmarks) for img, brain in zip(self.images, self.brains)])
+        return np.stack([self.standardized_case(i, landmarks) for i in range(len(self))])
+
+    def standardized_case(self, index: int, landmarks: NyulLandmarks) -> np.ndarray:
+        """Model input ``(2, *size)`` float32 of case ``index``."""
+        return standardize_mr(self.images[index], self.brains[index], landmarks)
 
     def __len__(self) -> int:
         return len(self.case_ids)
@@ -57,7 +63,7 @@ def load_site_data(site: SiteConfig, *, labelled: bool) -> SiteData:
     """Read every case that preprocessing marked ok (and, if ``labelled``, its features.csv row)."""
     work_dir = Path(site.work_dir)
     rows = _feature_rows(work_dir / "features.csv") if labelled else {}
-    case_ids, images, brains, landmarks, records, dose = [], [], [], [], [], []
+    case_ids, keys, images, brains, landmarks, records, dose = [], [], [], [], [], [], []
     for record_path in sorted((work_dir / "cases").glob("*.json")):
         status = json.loads(record_path.read_text())
         case_id = status["result"]["case_id"]
@@ -70,6 +76,7 @@ def load_site_data(site: SiteConfig, *, labelled: bool) -> SiteData:
             landmarks.append(NyulLandmarks.from_arrays(
                 {k[len(_LANDMARK_PREFIX):]: arrays[k] for k in arrays.files if k.startswith(_LANDMARK_PREFIX)}))
         case_ids.append(case_id)
+        keys.append(status["key"])
         if labelled:
             row = rows[case_id]
             records.append(parse_clinical(case_id, row, require_label=True))
@@ -80,6 +87,7 @@ def load_site_data(site: SiteConfig, *, labelled: bool) -> SiteData:
     return SiteData(
         site=site.name,
         case_ids=case_ids,
+        input_keys=keys,
         images=np.stack(images),
         brains=np.stack(brains),
         case_landmarks=landmarks,

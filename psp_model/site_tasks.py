@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
@@ -209,10 +210,25 @@ def _classifier_inputs(local: LocalSite, installed: _Installed) -> tuple[torch.T
     clinical = encode(data.records, data.dose, installed.manifest)
     if local.study.head_variant == "clinical-only":
         return None, clinical
-    volumes = torch.as_tensor(data.standardized(installed.landmarks))
-    tokens = encode_cached(installed.encoder, volumes, cache_dir=Path(local.site.work_dir) / "token_cache",
-                           device=local.study.device)
+    landmarks_digest = hashlib.sha256(json.dumps(
+        {k: np.asarray(v).tolist() for k, v in installed.landmarks.to_arrays().items()}, sort_keys=True).encode())
+    keys = [hashlib.sha256(f"{key}/{landmarks_digest.hexdigest()}".encode()).hexdigest() for key in data.input_keys]
+    tokens = encode_cached(installed.encoder, _StandardizedVolumes(data, installed.landmarks), keys,
+                           cache_dir=Path(local.site.work_dir) / "token_cache", device=local.study.device)
     return tokens, clinical
+
+
+class _StandardizedVolumes(Sequence):
+    """Model inputs standardised on access: the token cache only reads the volumes it must encode."""
+
+    def __init__(self, data: SiteData, landmarks: NyulLandmarks) -> None:
+        self.data, self.landmarks = data, landmarks
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def __getitem__(self, index: int) -> torch.Tensor:
+        return torch.as_tensor(self.data.standardized_case(index, self.landmarks))
 
 
 def _classifier(local: LocalSite, installed: _Installed, head_arrays: dict[str, np.ndarray]):
