@@ -54,7 +54,7 @@ class StudyConfig:
     ssl_rounds: int = 2
     ssl_local_epochs: int = 1
     finetune_rounds: int = 3
-    finetune_local_epochs: int = 5
+    finetune_local_epochs: int = 10
     min_replies: int = 1
     min_sites: int = 0
     strategy: str = "fedavg"
@@ -64,7 +64,7 @@ class StudyConfig:
     encoder_mode: str = "ssl"
     head_variant: str = "multimodal"
     ssl_lr: float = 1e-4
-    finetune_lr: float = 1e-3
+    finetune_lr: float = 1e-4
     batch_size: int = 4
     ssl_temperature: float = 0.05
     device: str = "auto"

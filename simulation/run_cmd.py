@@ -19,13 +19,17 @@ from simulation.federation import simulate_study
 
 STUDY_DEFAULTS: dict[str, StudyConfig] = {
     "tiny": StudyConfig(profile="tiny", ssl_rounds=2, ssl_local_epochs=1, finetune_rounds=3,
-                        finetune_local_epochs=5, batch_size=4),
+                        finetune_local_epochs=10, batch_size=4, finetune_lr=1e-4),
     "demo": StudyConfig(profile="demo", ssl_rounds=3, ssl_local_epochs=2, finetune_rounds=5,
-                        finetune_local_epochs=10, batch_size=4, finetune_lr=1e-3, ssl_lr=2e-4),
+                        finetune_local_epochs=6, batch_size=4, finetune_lr=1e-4, ssl_lr=2e-4),
     "full": StudyConfig(profile="full", ssl_rounds=20, ssl_local_epochs=2, finetune_rounds=10,
-                        finetune_local_epochs=10, batch_size=4),
+                        finetune_local_epochs=3, batch_size=4, finetune_lr=1e-4),
 }
-"""Rounds and epochs per profile: tiny for a smoke run, demo sized to finish in minutes on a laptop CPU."""
+"""Rounds and epochs per profile: tiny for a smoke run, demo sized to finish in minutes on a laptop CPU.
+
+Fine-tuning: lr 1e-4 and ~30 epochs in all (rounds x local epochs) at batch 4, i.e. a few hundred
+optimiser steps on ~50 training cases; lr 1e-3 x 50 epochs drove the training loss to ~0 while the
+validation loss rose in the demo study; 5-fold CV on a 100-case synthetic site peaked near 300 steps."""
 
 
 def run(

@@ -37,8 +37,10 @@ class FinetuneConfig:
 
     Args:
         lr: AdamW learning rate.
-        weight_decay: AdamW weight decay.
-        epochs: maximum number of epochs (the federation passes its local epochs E).
+        weight_decay: AdamW weight decay (0.1: strong, since a site has tens of training cases).
+        epochs: maximum number of epochs (the federation passes its local epochs E). On ~80 cases at lr
+            1e-4, batch 8, the multimodal head's pooled CV AUC was 0.78-0.79 after 15-30 epochs and 0.71
+            after 100 (overfitting), hence 30.
         batch_size: examples per forward pass.
         grad_accumulation: forward passes per optimiser step (effective batch = batch_size x this).
         patience: epochs without a better validation score before stopping; ``None`` never stops early.
@@ -49,11 +51,11 @@ class FinetuneConfig:
     """
 
     lr: float = 1e-4
-    weight_decay: float = 1e-2
-    epochs: int = 100
+    weight_decay: float = 1e-1
+    epochs: int = 30
     batch_size: int = 8
     grad_accumulation: int = 1
-    patience: int | None = 20
+    patience: int | None = 10
     precision: Precision = "auto"
     device: str = "auto"
     seed: int = 0
