@@ -1,10 +1,18 @@
-"""Shared fixtures."""
+"""Shared fixtures.
+
+ITK runs single-threaded in the test session (set before anything imports ants), so that
+registrations asked to be deterministic are bit-reproducible wherever a test runs them.
+"""
 
 from __future__ import annotations
 
-from pathlib import Path
+import os
 
-import pytest
+os.environ["ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS"] = "1"
+
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
 
 
 @pytest.fixture(scope="session")
