@@ -210,6 +210,7 @@ def pipeline_benchmark(profile: str, cases: int, seed: int, json_path: Path | No
         started = time.perf_counter()
         run = preprocess_site(site, PreprocessSettings(profile=profile), progress=False)
         wall = time.perf_counter() - started
+        accuracy = _accuracy(run.results, Path(tmp) / "truth.csv")
     ok = [r for r in run.results if r.status == "ok"]
     stages = sorted({stage for r in ok for stage in r.seconds})
     rows = [{"stage": stage, "mean_s": float(np.mean([r.seconds[stage] for r in ok])),
@@ -223,10 +224,31 @@ def pipeline_benchmark(profile: str, cases: int, seed: int, json_path: Path | No
         print(f"| {row['stage']} | {row['mean_s']:.2f} | {row['max_s']:.2f} |")
     print(f"| **total per case (stages)** | {np.mean(per_case):.2f} | {np.max(per_case):.2f} |")
     print(f"peak RSS of the process: {peak_mib:.0f} MiB; load average before {load_before}, after {os.getloadavg()}")
+    print("against truth.csv: " + ", ".join(f"{k} {v:.2f}" for k, v in accuracy.items()))
     if json_path:
         json_path.write_text(json.dumps({"profile": profile, "cases": len(run.results), "ok": len(ok), "wall_s": wall,
                                          "stages": rows, "per_case_s": per_case, "peak_rss_mib": peak_mib,
+                                         "accuracy": accuracy,
                                          "load_average": [load_before, os.getloadavg()]}, indent=2))
+
+
+def _accuracy(results, truth_csv: Path) -> dict[str, float]:
+    """Worst registration error (mean over a 120 mm cube around the origin) and dose-feature error."""
+    import csv
+
+    truth = {row["case_id"]: row for row in csv.DictReader(truth_csv.open())}
+    grid = np.stack(np.meshgrid(*[np.linspace(-60, 60, 5)] * 3), -1).reshape(-1, 3)
+    points = np.c_[grid, np.ones(len(grid))]
+    tre, dose = [], []
+    for result in results:
+        if result.status != "ok":
+            continue
+        row = truth[result.case_id]
+        true = np.array([[float(row[f"mr_to_ct_{r}{c}"]) for c in range(4)] for r in range(4)])
+        found = np.array(result.checks["mr_to_ct"])
+        tre.append(float(np.linalg.norm((points @ true.T - points @ found.T)[:, :3], axis=1).mean()))
+        dose.append(max(abs(result.features[f"dose_{k}"] - float(row[f"dose_{k}"])) for k in ("mean", "min", "median", "d98")))
+    return {"max_mean_tre_mm": max(tre), "max_dose_error_gy": max(dose), "median_dose_error_gy": float(np.median(dose))}
 
 
 if __name__ == "__main__":
