@@ -205,3 +205,18 @@ def test_bf16_autocast_trains_and_predicts():
                               progress=False)
     assert math.isfinite(result.metrics["train_loss"]) and math.isfinite(result.metrics["val_loss"])
     assert all(v.dtype == torch.float32 for v in result.state.values() if v.is_floating_point())
+
+
+def _distance_moved(proximal_mu: float) -> float:
+    data = _tokens_problem(24, 5)
+    model = _frozen_token_model("multimodal")
+    start = {k: v.clone() for k, v in trainable_state(model).items()}
+    train_classifier(model, data, None, FinetuneConfig(lr=1e-2, weight_decay=0.0, epochs=5, batch_size=8,
+                                                       patience=None, **CPU), progress=False, proximal_mu=proximal_mu)
+    return float(sum(((v - start[k]) ** 2).sum() for k, v in trainable_state(model).items()) ** 0.5)
+
+
+def test_fedprox_term_keeps_local_weights_near_the_global_model():
+    assert _distance_moved(100.0) < 0.5 * _distance_moved(0.0)
+    with pytest.raises(ValueError, match="proximal_mu must be >= 0"):
+        _distance_moved(-1.0)
