@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import typer
 
-from client import keys_cmd, preprocess_cmd, start_cmd
+from client import audit_cmd, keys_cmd, preprocess_cmd, start_cmd
 
 app = typer.Typer(
     name="psp-client",
@@ -17,3 +17,4 @@ app.command("preprocess")(preprocess_cmd.preprocess)
 app.command("check")(preprocess_cmd.check)
 app.command("keys")(keys_cmd.keys)
 app.command("start")(start_cmd.start)
+app.add_typer(audit_cmd.app, name="audit")

@@ -15,7 +15,7 @@ SiteConfigOption = Annotated[Path, typer.Option(
     "--site-config", "-c", help="This site's YAML (see site_configs/). Validated before anything runs.")]
 
 
-def _load(path: Path) -> SiteConfig:
+def load_site_or_exit(path: Path) -> SiteConfig:
     try:
         return load_site_config(path)
     except ConfigError as exc:
@@ -48,7 +48,7 @@ def preprocess(
     from psp_model.preprocess.pipeline import PreprocessSettings, preprocess_site
     from psp_model.preprocess.qc import format_qc_table
 
-    site = _load(site_config)
+    site = load_site_or_exit(site_config)
     settings = PreprocessSettings(profile=profile, min_dose_coverage=min_dose_coverage,
                                   deterministic_registration=deterministic)
     typer.echo(f"site {site.name} ({site.layout}, roles {','.join(site.roles)}), settings {settings}")
@@ -68,7 +68,7 @@ def preprocess(
 
 def check(site_config: SiteConfigOption) -> None:
     """Validate the site config and list the cases found, with any problems, without processing."""
-    site = _load(site_config)
+    site = load_site_or_exit(site_config)
     listing = read_site(site)
     typer.echo(f"site {site.name}: layout {site.layout}, roles {','.join(site.roles)}, root {site.root}")
     typer.echo(f"{len(listing.cases)} case(s) found, {len(listing.problems)} problem(s)")

@@ -45,3 +45,28 @@ def test_allow_list_per_phase_and_site_policy() -> None:
     assert disallowed_names("stats", "metrics", ["n-tp", "case-Burdenko-001-age"]) == ["case-Burdenko-001-age"]
     assert disallowed_names("ssl", "arrays", ["encoder.w"], site_patterns=("head.*",)) == ["encoder.w"]
     assert disallowed_names("no-such-phase", "arrays", ["head.w"]) == ["head.w"]
+
+
+def test_cli_verifies_the_site_log(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from client.cli import app
+    from client.guard import AUDIT_FILE
+
+    config = tmp_path / "site.yaml"
+    config.write_text(f"name: a\nroles: [ssl]\nlayout: brats2021\nroot: {tmp_path}\nwork_dir: {tmp_path / 'work'}\n")
+    runner = CliRunner()
+    missing = runner.invoke(app, ["audit", "verify", "--site-config", str(config)])
+    assert missing.exit_code == 1 and "has not sent anything" in missing.output
+    log = tmp_path / "work" / AUDIT_FILE
+    for i in range(3):
+        append_audit_entry(log, {"phase": "ssl", "round": i, "sent": True, "arrays": {"encoder.w": [2]},
+                                 "metrics": ["num-examples"], "bytes": 8})
+    ok = runner.invoke(app, ["audit", "verify", "--site-config", str(config)])
+    assert ok.exit_code == 0 and "3 entries, chain intact" in ok.output
+    shown = runner.invoke(app, ["audit", "show", "--site-config", str(config)])
+    assert shown.exit_code == 0 and "encoder.w(2,)" in shown.output
+    lines = log.read_text().splitlines()
+    log.write_text("\n".join([lines[0], lines[2]]) + "\n")
+    tampered = runner.invoke(app, ["audit", "verify", "--site-config", str(config)])
+    assert tampered.exit_code == 1 and "tampered" in tampered.output
