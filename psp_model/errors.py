@@ -28,3 +28,14 @@ class InputError(ValueError):
 
     Raised by readers, which do not know the case; the per-case runner turns it into a ``CaseError``.
     """
+
+
+class MessageError(ValueError):
+    """A message from the server does not fit this site's model (names, shapes or dtypes); nothing is loaded."""
+
+
+class SignatureError(Exception):
+    """A model (file or message) has no valid signature from the study's signing key: it is not loaded.
+
+    The message names the file or message and the fix.
+    """

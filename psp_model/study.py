@@ -28,6 +28,9 @@ class StudyConfig:
         phases: comma-separated phases to run, in order: stats, ssl, finetune, evaluate.
         run_dir: absolute folder for this run's outputs (checkpoints, metrics, models, report).
         cohort_dir: simulation only: the synthetic cohort whose ``site_configs/`` the simulated sites use.
+        signing_key: absolute path, on the coordinator, of the private model-signing key
+            (``model_signing.pem`` from ``psp-server certs``) that signs every released model; ``''``
+            releases unsigned models, which sites with a ``model_signing_key`` refuse.
         seed: seeds sampling, fold splits and every local training step.
         folds: cross-validation folds (each site holds out its own fold k in fold k's run).
         ssl_rounds / finetune_rounds: federated rounds per phase (per fold for fine-tuning).
@@ -49,6 +52,7 @@ class StudyConfig:
     phases: str = "stats,ssl,finetune,evaluate"
     run_dir: str = ""
     cohort_dir: str = ""
+    signing_key: str = ""
     seed: int = 0
     folds: int = 5
     ssl_rounds: int = 2
@@ -119,6 +123,9 @@ class StudyConfig:
         check(not self.run_dir or Path(self.run_dir).is_absolute(), "run-dir",
               f"{self.run_dir!r} is relative (the SuperLink resolves it against its own working directory)",
               "give an absolute path")
+        check(not self.signing_key or Path(self.signing_key).is_absolute(), "signing-key",
+              f"{self.signing_key!r} is relative (the SuperLink resolves it against its own working directory)",
+              "give the absolute path of model_signing.pem, or '' for unsigned models")
         check(self.folds >= 2, "folds", f"{self.folds} folds", "use at least 2 (the paper uses 5)")
         for key in ("ssl_rounds", "finetune_rounds", "ssl_local_epochs", "finetune_local_epochs", "batch_size"):
             check(getattr(self, key) >= 1, key.replace("_", "-"), f"{getattr(self, key)} is below 1", "use 1 or more")

@@ -1,4 +1,4 @@
-"""Certificates for the coordinator: a private CA and a SuperLink server certificate (``cryptography``)."""
+"""Keys for the coordinator: a private CA, a SuperLink server certificate and the model-signing key pair."""
 
 from __future__ import annotations
 
@@ -13,26 +13,31 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from psp_model.io import atomic_write
+from psp_model.signing import PRIVATE_KEY_FILE, PUBLIC_KEY_FILE, generate_signing_key
 
 
 @dataclass(frozen=True)
 class CertificatePaths:
-    """Files written by :func:`make_certificates`. Sites get ``ca_cert`` only."""
+    """Files written by :func:`make_certificates`. Sites get ``ca_cert`` and ``signing_public_key``."""
 
     ca_cert: Path
     ca_key: Path
     server_cert: Path
     server_key: Path
+    signing_key: Path
+    signing_public_key: Path
 
 
 def make_certificates(out_dir: Path, hosts: list[str], *, days: int = 825, overwrite: bool = False) -> CertificatePaths:
-    """Write a CA and a server certificate whose SANs are ``hosts`` (DNS names and/or IP addresses).
+    """Write a CA, a server certificate whose SANs are ``hosts`` (DNS names and/or IP addresses) and the
+    Ed25519 key pair that signs released models (private keys: mode 600).
 
     ``hosts`` must include every address the sites dial (e.g. the coordinator's DNS name), or TLS fails.
     """
     if not hosts:
         raise ValueError("hosts is empty: list the DNS names / IP addresses sites use to reach the SuperLink")
-    paths = CertificatePaths(out_dir / "ca.crt", out_dir / "ca.key", out_dir / "server.pem", out_dir / "server.key")
+    paths = CertificatePaths(out_dir / "ca.crt", out_dir / "ca.key", out_dir / "server.pem", out_dir / "server.key",
+                             out_dir / PRIVATE_KEY_FILE, out_dir / PUBLIC_KEY_FILE)
     existing = [p for p in vars(paths).values() if p.exists()]
     if existing and not overwrite:
         raise FileExistsError(f"{existing[0]} exists; pass overwrite=True (--overwrite) to replace the certificates")
@@ -68,6 +73,7 @@ def make_certificates(out_dir: Path, hosts: list[str], *, days: int = 825, overw
     _write_key(paths.server_key, server_key)
     atomic_write(paths.ca_cert, lambda tmp: tmp.write_bytes(ca_cert.public_bytes(serialization.Encoding.PEM)))
     atomic_write(paths.server_cert, lambda tmp: tmp.write_bytes(server_cert.public_bytes(serialization.Encoding.PEM)))
+    generate_signing_key(paths.signing_key, paths.signing_public_key)
     return paths
 
 

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import shutil
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
@@ -47,7 +48,8 @@ from simulation.dicom_writer import make_uid, write_ct_series, write_rtdose
 from simulation.label_model import LabelModel, sample_clinical
 from simulation.profiles import PROFILES, Profile, SiteSpec
 
-__all__ = ["generate_cohort", "exact_dose_features", "case_ids", "TRUTH_FILE", "SUMMARY_FILE", "SITE_CONFIG_DIR"]
+__all__ = ["generate_cohort", "set_model_signing_key", "exact_dose_features", "case_ids", "TRUTH_FILE", "SUMMARY_FILE",
+           "SITE_CONFIG_DIR"]
 
 TRUTH_FILE = "truth.csv"
 SUMMARY_FILE = "truth_summary.json"
@@ -370,6 +372,20 @@ def _write_site_config(out: Path, site: SiteSpec) -> None:
               "enhancing_labels": list(ENHANCING_LABELS)}
     (out / SITE_CONFIG_DIR).mkdir(exist_ok=True)
     (out / SITE_CONFIG_DIR / f"{site.name}.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+
+
+def set_model_signing_key(cohort_dir: Path, public_key: Path) -> list[Path]:
+    """Make every site config of the cohort refuse models not signed by ``public_key``; return the configs.
+
+    Kept apart from :func:`generate_cohort` so a reused cohort (or one from ``psp-sim cohort``) gets the
+    key of the run that uses it; the path is written relative to each config, like ``root``.
+    """
+    configs = sorted((Path(cohort_dir) / SITE_CONFIG_DIR).glob("*.yaml"))
+    for path in configs:
+        config = yaml.safe_load(path.read_text())
+        config["model_signing_key"] = os.path.relpath(Path(public_key).resolve(), path.parent.resolve())
+        path.write_text(yaml.safe_dump(config, sort_keys=False))
+    return configs
 
 
 def _write_truth(path: Path, rows: list[dict]) -> None:

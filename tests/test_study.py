@@ -43,3 +43,10 @@ def test_every_problem_is_reported_at_once() -> None:
     with pytest.raises(ConfigError) as caught:
         StudyConfig.from_run_config({"colour": 1, "folds": 0, "strategy": "sgd"})
     assert len(caught.value.problems) == 3
+
+
+def test_signing_key_must_be_absolute() -> None:
+    assert StudyConfig.from_run_config({"signing-key": "/coordinator/certs/model_signing.pem"}).signing_key
+    with pytest.raises(ConfigError, match=r"key 'signing-key': 'certs/model_signing.pem' is relative .* Fix: give "
+                                          r"the absolute path of model_signing.pem, or '' for unsigned models"):
+        StudyConfig.from_run_config({"signing-key": "certs/model_signing.pem"})
