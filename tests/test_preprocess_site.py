@@ -65,7 +65,41 @@ BREAKAGES = {
     "Burdenko-GBM-010": ("different FrameOfReferenceUIDs", lambda case: _mixed_frames(case / "ct")),
     "Burdenko-GBM-011": ("rotation|overlap|registration", lambda case: [
         _edit_nifti(case / name, lambda d: d[:, :, ::-1]) for name in ("t1ce.nii.gz", "flair.nii.gz", "lesion.nii.gz")]),
+    # Garbage files: each must become this case's QC row, never an exception that stops the site.
+    "Burdenko-GBM-016": ("t1ce is not a readable NIfTI file.*Empty file",
+                         lambda case: (case / "t1ce.nii.gz").write_bytes(b"")),
+    "Burdenko-GBM-017": ("flair is not a readable NIfTI file.*not a gzip file",
+                         lambda case: (case / "flair.nii.gz").write_bytes(_noise(5000))),
+    "Burdenko-GBM-018": (r"CT_\d+\.dcm: pixel data cannot be decoded .*less than expected",
+                         lambda case: _cut(_middle_ct(case), -3001)),
+    "Burdenko-GBM-019": (r"CT_\d+\.dcm: not a DICOM file", lambda case: _middle_ct(case).write_bytes(_noise(4000))),
+    "Burdenko-GBM-020": ("rtdose.dcm: Modality is 'CT', expected 'RTDOSE'",
+                         lambda case: shutil.copy(_middle_ct(case), case / "rtdose.dcm")),
+    "Burdenko-GBM-021": (r"CT_\d+\.dcm: pixel data cannot be decoded .*less than expected",
+                         lambda case: _halve_pixel_data(_middle_ct(case))),
+    "Burdenko-GBM-022": (r"CT_\d+\.dcm: .* is missing", lambda case: _cut(_middle_ct(case), 1000)),
 }
+
+
+def _noise(n_bytes: int) -> bytes:
+    return np.random.default_rng(7).integers(0, 256, n_bytes, dtype=np.uint8).tobytes()
+
+
+def _middle_ct(case: Path) -> Path:
+    slices = sorted((case / "ct").iterdir())
+    return slices[len(slices) // 2]
+
+
+def _cut(path: Path, end: int) -> None:
+    """Keep the bytes before ``end`` (a copy interrupted in the header, or inside the pixel data)."""
+    path.write_bytes(path.read_bytes()[:end])
+
+
+def _halve_pixel_data(path: Path) -> None:
+    """A well-formed file whose PixelData holds half of Rows * Columns pixels."""
+    ds = pydicom.dcmread(path)
+    ds.PixelData = ds.PixelData[: len(ds.PixelData) // 2]
+    ds.save_as(path)
 
 
 def _malformed_dose(path: Path) -> None:

@@ -40,13 +40,21 @@ def read_psp_case(root: Path) -> SiteListing:
 def _read_clinical(path: Path) -> tuple[dict[str, dict[str, str]], list[CaseProblem]]:
     if not path.is_file():
         return {}, []
-    with path.open(newline="") as handle:
-        reader = csv.DictReader(handle)
-        missing = [c for c in schema.CLINICAL_COLUMNS if c not in (reader.fieldnames or [])]
-        if missing:
-            raise ConfigError([f"{path}: missing column(s) {missing}. Fix: the header must be "
-                               f"{','.join(schema.CLINICAL_COLUMNS)}."])
-        all_rows = [{k: (v or "").strip() for k, v in row.items() if k is not None} for row in reader]
+    # utf-8-sig: spreadsheet programs often start a CSV with a byte-order mark.
+    try:
+        with path.open(newline="", encoding="utf-8-sig") as handle:
+            reader = csv.DictReader(handle)
+            missing = [c for c in schema.CLINICAL_COLUMNS if c not in (reader.fieldnames or [])]
+            if missing:
+                raise ConfigError([f"{path}: missing column(s) {missing}. Fix: the header must be "
+                                   f"{','.join(schema.CLINICAL_COLUMNS)}."])
+            all_rows = [{k: (v or "").strip() for k, v in row.items() if k is not None} for row in reader]
+    except UnicodeDecodeError as exc:
+        raise ConfigError([f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start}). Fix: save it as UTF-8 "
+                           "(in a spreadsheet program: 'CSV UTF-8')."]) from exc
+    except csv.Error as exc:
+        raise ConfigError([f"{path}: not a readable CSV file ({exc}). Fix: save it as comma-separated values "
+                           f"with the header {','.join(schema.CLINICAL_COLUMNS)}."]) from exc
     counts = Counter(row["case_id"] for row in all_rows)
     problems = [
         CaseProblem(case_id, f"appears {n} times in {path.name}; case ids must be unique")
