@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import typer
 
-from server import certs_cmd, register_cmd, run_cmd, start_cmd
+from server import certs_cmd, register_cmd, report_cmd, run_cmd, start_cmd
 
 app = typer.Typer(
     name="psp-server",
@@ -17,3 +17,4 @@ app.command("certs")(certs_cmd.certs)
 app.command("start")(start_cmd.start)
 app.command("register")(register_cmd.register)
 app.command("run")(run_cmd.run)
+app.command("report")(report_cmd.report)
