@@ -17,7 +17,7 @@ from flwr.common.constant import ErrorCode
 
 from client.site import local_site
 from psp_model.audit import append_audit_entry
-from psp_model.errors import CaseError, ConfigError
+from psp_model.errors import CaseError, ConfigError, MessageError, SignatureError
 from psp_model.site_tasks import PrivacyRefusal
 from psp_model.study import StudyConfig
 from psp_model.wire import PHASE_KEY, disallowed_names
@@ -39,14 +39,21 @@ def guard(msg: Message, context: Context, call_next: ClientAppCallable, study: S
     phase = str(msg.content["config"][PHASE_KEY]) if "config" in msg.content else "unknown"
     try:
         local = local_site(context, study)
-        reply = call_next(msg, context)
-    except (PrivacyRefusal, ConfigError, CaseError, FileNotFoundError) as exc:
+    except ConfigError as exc:
         return Message(Error(ErrorCode.CLIENT_APP_RAISED_EXCEPTION, f"{type(exc).__name__}: {exc}"), reply_to=msg)
+    header = {"run": msg.metadata.run_id, "phase": phase, "message": msg.metadata.message_type, "round": _round(msg)}
+    try:
+        reply = call_next(msg, context)
+    except (PrivacyRefusal, ConfigError, CaseError, FileNotFoundError, MessageError, SignatureError) as exc:
+        reason = f"{type(exc).__name__}: {exc}"
+        append_audit_entry(Path(local.site.work_dir) / AUDIT_FILE,
+                           {**header, "sent": False, "arrays": {}, "metrics": [], "configs": [], "bytes": 0,
+                            "refused": [reason]})
+        return Message(Error(ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason), reply_to=msg)
     if reply.has_error():
         return reply
     problems = _violations(reply, phase, local.site.privacy.allowed_arrays)
-    audit = {"run": msg.metadata.run_id, "phase": phase, "message": msg.metadata.message_type,
-             "round": _round(msg), "sent": not problems, **_describe(reply)}
+    audit = {**header, "sent": not problems, **_describe(reply)}
     if problems:
         audit["refused"] = problems
     append_audit_entry(Path(local.site.work_dir) / AUDIT_FILE, audit)

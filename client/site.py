@@ -6,6 +6,7 @@ is the i-th YAML (sorted by name) in ``<cohort-dir>/site_configs``.
 
 from __future__ import annotations
 
+from functools import lru_cache
 from pathlib import Path
 
 from flwr.app import Context
@@ -27,6 +28,16 @@ def site_config_path(context: Context, study: StudyConfig) -> Path:
 
 
 def local_site(context: Context, study: StudyConfig | None = None) -> LocalSite:
-    """This node's site; ``study`` overrides the run config (in-process simulation passes none)."""
+    """This node's site; ``study`` overrides the run config (in-process simulation passes none).
+
+    Kept per process for the study, so a ClientApp process that serves many rounds loads the site's
+    data, installed encoder and tokens once instead of once per message.
+    """
     study = study or StudyConfig.from_run_config(dict(context.run_config))
-    return LocalSite(load_site_config(site_config_path(context, study)), study)
+    path = site_config_path(context, study).resolve()
+    return _cached_site(path, path.stat().st_mtime_ns, study)
+
+
+@lru_cache(maxsize=8)
+def _cached_site(path: Path, mtime_ns: int, study: StudyConfig) -> LocalSite:
+    return LocalSite(load_site_config(path), study)

@@ -1,8 +1,9 @@
-"""Crash-safe file writes: a reader sees the old file or the new one, never half of one."""
+"""Crash-safe file writes (a reader sees the old file or the new one, never half of one) and verified reads."""
 
 from __future__ import annotations
 
 import hashlib
+import io
 import os
 import tempfile
 from collections.abc import Callable, Iterable
@@ -56,3 +57,27 @@ def atomic_save_npz(path: Path, arrays: dict[str, np.ndarray]) -> Path:
             np.savez(stream, **arrays)
 
     return atomic_write(path, write)
+
+
+class CorruptCheckpointError(RuntimeError):
+    """A checkpoint or model file whose content does not match its recorded SHA-256."""
+
+
+def load_verified_npz(path: Path, *, fix: str | None = None) -> dict[str, np.ndarray]:
+    """Load an ``.npz`` after checking it against the SHA-256 in ``<path>.sha256`` written beside it.
+
+    ``fix`` replaces the advice ending the error message (default: delete the checkpoint, which
+    resumes from the round before).
+    """
+    path = Path(path)
+    data = path.read_bytes()
+    digest_path = path.with_suffix(".sha256")
+    if not digest_path.is_file():
+        raise CorruptCheckpointError(f"{path} has no {digest_path.name}: it was not written completely; "
+                                     f"{fix or 'delete it'}")
+    expected = digest_path.read_text().strip()
+    if hashlib.sha256(data).hexdigest() != expected:
+        raise CorruptCheckpointError(f"{path} does not match its SHA-256 ({expected[:12]}...): the file is corrupted "
+                                     f"or was modified. {fix or 'Delete it to resume from the round before.'}")
+    with np.load(io.BytesIO(data), allow_pickle=False) as npz:
+        return {k: npz[k] for k in npz.files}

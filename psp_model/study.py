@@ -13,7 +13,7 @@ from typing import Any
 
 from psp_model.errors import ConfigError
 
-PHASES: tuple[str, ...] = ("stats", "ssl", "finetune", "evaluate")
+PHASES: tuple[str, ...] = ("stats", "ssl", "finetune", "evaluate", "shap", "select")
 PROFILES: tuple[str, ...] = ("tiny", "demo", "full")
 STRATEGIES: tuple[str, ...] = ("fedavg", "fedprox")
 
@@ -25,7 +25,9 @@ class StudyConfig:
     Args:
         profile: model/input size preset: ``tiny`` (tests, 32^3), ``demo`` (minutes on a laptop),
             ``full`` (2 x 160^3 input, ViT-B: the paper's configuration; wants a GPU).
-        phases: comma-separated phases to run, in order: stats, ssl, finetune, evaluate.
+        phases: comma-separated phases to run, in order: stats, ssl, finetune, evaluate, and the
+            optional shap (federated SHAP ranking of the clinical/dose features) and select (the
+            paper's feature selection: cross-validation with the top 1..F ranked features).
         run_dir: absolute folder for this run's outputs (checkpoints, metrics, models, report).
         cohort_dir: simulation only: the synthetic cohort whose ``site_configs/`` the simulated sites use.
         signing_key: absolute path, on the coordinator, of the private model-signing key

@@ -37,6 +37,7 @@ ALLOWED: dict[str, dict[str, tuple[str, ...]]] = {
         "metrics": ("num-examples", "train-loss", "val-loss", "val-n", "dp-epsilon"),
         "configs": (),
     },
+    "shap": {"arrays": ("shap.mean_abs",), "metrics": ("num-examples",), "configs": ("site-name",)},
     "evaluate": {
         "arrays": ("hist.*",),
         "metrics": ("num-examples", "n-tp", "n-psp", "brier-sum.*"),

@@ -7,6 +7,7 @@
 <run_dir>/checkpoints/finetune/fold_K/round_NNN.npz
 <run_dir>/rounds.csv, rounds.json          per-round metrics (loss, replies, bytes)
 <run_dir>/models/                          released models: encoder.npz, fold_K.npz, ensemble.json
+                                           (+ .sha256, and .sig when the study has a signing key)
 ```
 """
 
@@ -21,21 +22,30 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from psp_model.io import atomic_write, atomic_write_text
+from psp_model.io import (
+    CorruptCheckpointError,
+    atomic_write,
+    atomic_write_text,
+    load_verified_npz,
+)
+from psp_model.signing import sign_file
+
+__all__ = ["CorruptCheckpointError", "RunDir", "load_verified_npz"]
 
 _ROUND_FILE = re.compile(r"round_(\d{3})\.npz$")
 
 
-class CorruptCheckpointError(RuntimeError):
-    """A checkpoint whose content does not match its recorded SHA-256."""
-
-
 @dataclass(frozen=True)
 class RunDir:
-    """Paths and atomic reads/writes of one study's outputs."""
+    """Paths and atomic reads/writes of one study's outputs.
+
+    With a ``signing_key`` every released model file (``models/``) is signed beside its SHA-256.
+    """
 
     root: Path
+    signing_key: Ed25519PrivateKey | None = None
 
     def phase_dir(self, phase: str, fold: int | None = None) -> Path:
         folder = self.root / "checkpoints" / phase
@@ -69,21 +79,18 @@ class RunDir:
         data = _npz_bytes(arrays)
         atomic_write(path, lambda tmp: tmp.write_bytes(data))
         atomic_write_text(path.with_suffix(".sha256"), hashlib.sha256(data).hexdigest() + "\n")
+        self._sign(path)
         return path
 
+    def release_json(self, name: str, payload: Any) -> Path:
+        """Write a released JSON file under ``models/`` (e.g. the ensemble manifest), signed like the models."""
+        path = self.write_json(f"models/{name}", payload)
+        self._sign(path)
+        return path
 
-def load_verified_npz(path: Path) -> dict[str, np.ndarray]:
-    """Load an ``.npz`` written by :class:`RunDir` after checking its SHA-256."""
-    data = path.read_bytes()
-    digest_path = path.with_suffix(".sha256")
-    if not digest_path.is_file():
-        raise CorruptCheckpointError(f"{path} has no {digest_path.name}: it was not written completely; delete it")
-    expected = digest_path.read_text().strip()
-    if hashlib.sha256(data).hexdigest() != expected:
-        raise CorruptCheckpointError(f"{path} does not match its SHA-256 ({expected[:12]}...): the file is corrupted "
-                                     "or was modified. Delete it to resume from the round before.")
-    with np.load(io.BytesIO(data), allow_pickle=False) as npz:
-        return {k: npz[k] for k in npz.files}
+    def _sign(self, path: Path) -> None:
+        if self.signing_key is not None:
+            sign_file(path, self.signing_key)
 
 
 def _npz_bytes(arrays: dict[str, np.ndarray]) -> bytes:

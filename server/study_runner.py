@@ -9,10 +9,13 @@ from __future__ import annotations
 import csv
 import io
 import random
+import subprocess
 import time
-from collections.abc import Iterable
 from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from importlib import metadata
 from logging import INFO
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -20,14 +23,27 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
 from flwr.serverapp import Grid
 from flwr.supercore import log
 
-from client.records import from_arrays, to_arrays
+from client.records import CONFIG, SIGNATURE, from_arrays, signed_digest, to_arrays
 from psp_model.evaluate.metrics import metrics_from_histograms
+from psp_model.evaluate.shap_rank import (
+    combine_site_shap,
+    rank_features,
+    raw_feature_names,
+    select_features,
+    subset_manifest,
+)
 from psp_model.io import atomic_write_text
 from psp_model.nets.encoder import MRIEncoder, encoder_fingerprint
 from psp_model.preprocess.clinical import ClinicalStats, FeatureManifest, build_manifest
 from psp_model.preprocess.nyul import NyulLandmarks, combine_landmarks
 from psp_model.profiles import get_profile
-from psp_model.site_tasks import NYUL_PREFIX, initial_head_state, initial_ssl_state, landmarks_to_arrays
+from psp_model.signing import sign_bytes, verify_file
+from psp_model.site_tasks import (
+    NYUL_PREFIX,
+    initial_finetune_state,
+    initial_ssl_state,
+    landmarks_to_arrays,
+)
 from psp_model.study import StudyConfig
 from psp_model.wire import PHASE_KEY
 from server.run_dir import RunDir, load_verified_npz
@@ -46,6 +62,7 @@ class Site:
     name: str
     roles: list[str]
     counts: dict[str, float] = field(default_factory=dict)
+    data_hash: str = ""
 
 
 @dataclass
@@ -55,6 +72,17 @@ class Federation:
     run: RunDir
     sites: list[Site] = field(default_factory=list)
     rounds: list[dict] = field(default_factory=list)
+
+    def sign(self, content: RecordDict) -> bytes | None:
+        """The study's signature over a message's arrays (None when the study has no signing key)."""
+        key = self.run.signing_key
+        return None if key is None else sign_bytes(signed_digest(content), key)
+
+    def signed(self, records: dict) -> dict:
+        """``records`` with the signature added to their config record (when the study signs)."""
+        if (signature := self.sign(RecordDict(dict(records)))) is not None:
+            records[CONFIG][SIGNATURE] = signature
+        return records
 
     def with_role(self, role: str) -> list[Site]:
         return [s for s in self.sites if role in s.roles]
@@ -90,22 +118,31 @@ def run_study(grid: Grid, study: StudyConfig, run: RunDir) -> dict:
     phases = study.phase_list
     encoder = timed("ssl", lambda: phase_ssl(fed, landmarks)) if "ssl" in phases else _released(run, "encoder")
     results: dict = {}
-    if "finetune" in phases or "evaluate" in phases:
+    encoder_hash = None
+    if {"finetune", "evaluate", "shap", "select"} & set(phases):
         if manifest is None:
             raise StudyError("no training site sent statistics, so there is no feature manifest to fine-tune "
                              "or evaluate with: check that a site with role 'train' is connected and has usable cases")
         encoder_hash = timed("install", lambda: install_model(fed, encoder, landmarks, manifest))
-        heads = [timed("finetune", lambda fold=fold: phase_finetune(fed, fold, manifest, encoder_hash))
+        heads = [timed("finetune", lambda fold=fold: phase_finetune(fed, fold, manifest, encoder, encoder_hash))
                  if "finetune" in phases else _released(run, f"fold_{fold}") for fold in range(study.folds)]
-        run.write_json("models/ensemble.json", {
-            "profile": study.profile, "head_variant": study.head_variant, "folds": study.folds,
+        run.release_json("ensemble.json", {
+            "profile": study.profile, "head_variant": study.head_variant, "encoder_mode": study.encoder_mode,
+            "folds": study.folds,
             "encoder_hash": encoder_hash, "feature_manifest": manifest.to_json(),
             "nyul_landmarks": {k: v.tolist() for k, v in landmarks.to_arrays().items()},
         })
         if "evaluate" in phases:
             results = timed("evaluate", lambda: phase_evaluate(fed, heads, encoder_hash))
+        if "shap" in phases:
+            ranking = timed("shap", lambda: phase_shap(fed, heads, encoder_hash, manifest))
+        elif "select" in phases:
+            ranking = [tuple(entry) for entry in run.read_json("shap.json")["ranking"]]
+        if "select" in phases:
+            timed("select", lambda: phase_select(fed, ranking, manifest, encoder, encoder_hash))
     timings["study"] = time.perf_counter() - study_started
     run.write_json("timings.json", timings)
+    run.write_json("provenance.json", provenance(fed, encoder_hash))
     _write_rounds(fed)
     return results
 
@@ -124,7 +161,8 @@ def phase_stats(fed: Federation) -> tuple[NyulLandmarks, FeatureManifest | None]
             log(INFO, "stats: node %s failed: %s", reply.metadata.src_node_id, reply.error.reason)
             continue
         config, metrics = reply.content["config"], reply.content["metrics"]
-        site = Site(reply.metadata.src_node_id, str(config["site-name"]), list(config["site-roles"]), dict(metrics))
+        site = Site(reply.metadata.src_node_id, str(config["site-name"]), list(config["site-roles"]), dict(metrics),
+                    str(config.get("data-hash", "")))
         fed.sites.append(site)
         arrays = to_arrays(reply.content["arrays"]) if "arrays" in reply.content else {}
         if "test" not in site.roles and any(k.startswith(NYUL_PREFIX) for k in arrays):
@@ -167,10 +205,10 @@ def install_model(fed: Federation, encoder: dict[str, np.ndarray], landmarks: Ny
     fingerprint = encoder_fingerprint(model)
     sites = fed.with_role("train") + fed.with_role("test")
     record = from_arrays(encoder)
-    replies = fed.send(sites, MessageType.QUERY, {
+    replies = fed.send(sites, MessageType.QUERY, fed.signed({
         "arrays": record, "nyul": from_arrays(landmarks_to_arrays(landmarks)),
         "config": ConfigRecord({PHASE_KEY: "install", "manifest-json": manifest.to_json()}),
-    })
+    }))
     failed = {m.metadata.src_node_id: m.error.reason for m in replies if m.has_error()}
     wrong = [m.metadata.src_node_id for m in replies
              if not m.has_error() and str(m.content["config"]["encoder-hash"]) != fingerprint]
@@ -182,80 +220,204 @@ def install_model(fed: Federation, encoder: dict[str, np.ndarray], landmarks: Ny
     return fingerprint
 
 
-def phase_finetune(fed: Federation, fold: int, manifest: FeatureManifest, encoder_hash: str
-                   ) -> dict[str, np.ndarray]:
-    """FedAvg rounds of the head for fold ``fold``: only ``head.*`` arrays travel."""
+def phase_finetune(fed: Federation, fold: int, manifest: FeatureManifest, encoder: dict[str, np.ndarray],
+                   encoder_hash: str) -> dict[str, np.ndarray]:
+    """FedAvg rounds for fold ``fold``: only ``head.*`` arrays travel (and ``encoder.*`` unless it is frozen)."""
     sites = fed.with_role("train")
-    head = _federated_rounds(fed, "finetune", fold, sites, initial_head_state(fed.study, manifest, fold),
-                             fed.study.finetune_rounds, {}, {"fold": fold, "encoder-hash": encoder_hash})
+    initial = initial_finetune_state(fed.study, manifest, fold, encoder)
+    head = _federated_rounds(fed, "finetune", fold, sites, initial, fed.study.finetune_rounds, {},
+                             {"fold": fold, "encoder-hash": encoder_hash})
     fed.run.save_model(f"fold_{fold}", head)
     return head
 
 
 def phase_evaluate(fed: Federation, heads: list[dict[str, np.ndarray]], encoder_hash: str) -> dict:
-    """Score histograms from every site -> pooled and per-site metrics (test) and per-fold CV metrics."""
-    sites = fed.with_role("train") + fed.with_role("test")
+    """Score histograms from every site -> pooled and per-site metrics (test) and per-fold CV metrics.
+
+    The pooled histograms and Brier sums go to ``histograms.json`` so plots and the report can be
+    redrawn from the run directory alone.
+    """
+    evaluations = _collect_evaluations(fed, fed.with_role("train") + fed.with_role("test"), heads, encoder_hash)
+    pooled = pool_evaluations(evaluations, [s.name for s in fed.with_role("test")],
+                              [s.name for s in fed.with_role("train")], len(heads))
+    fed.run.write_json("histograms.json", pooled)
+    results = metrics_from_pooled(pooled, len(heads))
+    fed.run.write_json("metrics.json", results)
+    return results
+
+
+def _collect_evaluations(fed: Federation, sites: list[Site], heads: list[dict[str, np.ndarray]], encoder_hash: str,
+                         features: list[str] | None = None) -> dict[str, SiteEvaluation]:
     records = {f"fold-{k}": from_arrays(h) for k, h in enumerate(heads)}
-    records["config"] = ConfigRecord({PHASE_KEY: "evaluate", "folds": len(heads), "encoder-hash": encoder_hash})
-    replies = fed.send(sites, MessageType.EVALUATE, records)
+    config = {PHASE_KEY: "evaluate", "folds": len(heads), "encoder-hash": encoder_hash}
+    records["config"] = ConfigRecord({**config, **({"features": features} if features is not None else {})})
+    replies = fed.send(sites, MessageType.EVALUATE, fed.signed(records))
     by_name = {s.node_id: s for s in sites}
-    histograms: dict[str, dict[str, np.ndarray]] = {}
+    evaluations: dict[str, SiteEvaluation] = {}
     for reply in replies:
         site = by_name[reply.metadata.src_node_id]
         if reply.has_error():
             log(INFO, "evaluate: site %s failed: %s", site.name, reply.error.reason)
             continue
-        histograms[site.name] = to_arrays(reply.content["arrays"])
-    results = summarise_evaluation(histograms, [s.name for s in fed.with_role("test")],
-                                   [s.name for s in fed.with_role("train")], len(heads))
-    fed.run.write_json("metrics.json", results)
-    return results
+        metrics = reply.content["metrics"]
+        evaluations[site.name] = SiteEvaluation(
+            histograms={k.removeprefix("hist."): v for k, v in to_arrays(reply.content["arrays"]).items()},
+            brier_sums={k.removeprefix("brier-sum."): float(v) for k, v in metrics.items()
+                        if k.startswith("brier-sum.")})
+    return evaluations
+
+
+def phase_shap(fed: Federation, heads: list[dict[str, np.ndarray]], encoder_hash: str,
+               manifest: FeatureManifest) -> list[tuple[str, float]]:
+    """Rank the clinical/dose features by mean |SHAP| pooled over the training sites' validation folds."""
+    if fed.study.head_variant == "mri-only":
+        raise StudyError("phases 'shap'/'select' rank clinical and dose features, which the mri-only head does not "
+                         "use: drop them from phases or use head-variant multimodal or clinical-only")
+    sites = fed.with_role("train")
+    records = {f"fold-{k}": from_arrays(h) for k, h in enumerate(heads)}
+    records["config"] = ConfigRecord({PHASE_KEY: "shap", "folds": len(heads), "encoder-hash": encoder_hash})
+    replies = fed.send(sites, MessageType.QUERY, fed.signed(records))
+    names = {s.node_id: s.name for s in sites}
+    per_site: dict[str, tuple[np.ndarray, int]] = {}
+    for reply in replies:
+        if reply.has_error():
+            log(INFO, "shap: site %s failed: %s", names[reply.metadata.src_node_id], reply.error.reason)
+            continue
+        per_site[names[reply.metadata.src_node_id]] = (to_arrays(reply.content["arrays"])["shap.mean_abs"],
+                                                        int(reply.content["metrics"]["num-examples"]))
+    if not per_site:
+        raise StudyError("no training site sent SHAP values: check the sites' logs")
+    features = raw_feature_names(manifest)
+    mean = combine_site_shap(list(per_site.values()))
+    ranking = rank_features(features, mean)
+    fed.run.write_json("shap.json", {
+        "features": features, "mean_abs_shap": mean.tolist(), "n_cases": sum(n for _, n in per_site.values()),
+        "per_site": {name: {"mean_abs_shap": values.tolist(), "n_cases": n} for name, (values, n) in per_site.items()},
+        "ranking": [[name, value] for name, value in ranking],
+    })
+    log(INFO, "shap: ranking %s", ", ".join(f"{name} {value:.3f}" for name, value in ranking))
+    return ranking
+
+
+def phase_select(fed: Federation, ranking: list[tuple[str, float]], manifest: FeatureManifest,
+                 encoder: dict[str, np.ndarray], encoder_hash: str) -> dict:
+    """The paper's feature selection: federated cross-validation with the top M ranked features, M = 1..F.
+
+    Each M trains every fold like ``finetune`` (resumable per M and fold); the best mean validation AUC
+    over folds picks M (ties: fewer features). The result is added to ``shap.json`` as ``selection``.
+    """
+    sites, names = fed.with_role("train"), [name for name, _ in ranking]
+    val_auc: dict[int, float] = {}
+    for m in range(1, len(names) + 1):
+        keep = names[:m]
+        subset = subset_manifest(manifest, keep)
+        heads = [_federated_rounds(fed, "finetune", fold, sites,
+                                   initial_finetune_state(fed.study, subset, fold, encoder), fed.study.finetune_rounds,
+                                   {}, {"fold": fold, "encoder-hash": encoder_hash, "features": keep},
+                                   checkpoint_name=f"select_m{m:02d}")
+                 for fold in range(fed.study.folds)]
+        evaluations = _collect_evaluations(fed, sites, heads, encoder_hash, features=keep)
+        pooled = pool_evaluations(evaluations, [], [s.name for s in sites], fed.study.folds)
+        validation = metrics_from_pooled(pooled, fed.study.folds)["validation"]
+        val_auc[m] = validation["folds"]["auc"]["mean"] if "folds" in validation else float("nan")
+        log(INFO, "select: top %d features -> validation AUC %.3f", m, val_auc[m])
+    best = select_features(ranking, val_auc)
+    selection = {"m": list(val_auc), "val_auc": list(val_auc.values()), "best_m": best, "features": names[:best]}
+    shap = fed.run.read_json("shap.json")
+    fed.run.write_json("shap.json", {**shap, "selection": selection})
+    return selection
+
+
+@dataclass
+class SiteEvaluation:
+    """One site's evaluation reply: histograms and Brier sums keyed ``ensemble`` / ``fold-K``."""
+
+    histograms: dict[str, np.ndarray]
+    brier_sums: dict[str, float] = field(default_factory=dict)
+
+
+def pool_evaluations(evaluations: dict[str, SiteEvaluation], test_sites: list[str], train_sites: list[str],
+                     folds: int) -> dict:
+    """Sum histograms and Brier sums over the test sites (per model) and over the training sites (per fold)."""
+    keys = ["ensemble", *(f"fold-{k}" for k in range(folds))]
+
+    def pooled(names: list[str], key: str) -> tuple[np.ndarray, float] | None:
+        parts = [evaluations[n] for n in names if key in evaluations[n].histograms]
+        if not parts:
+            return None
+        return (np.sum([p.histograms[key] for p in parts], axis=0),
+                float(sum(p.brier_sums.get(key, float("nan")) for p in parts)))
+
+    result: dict = {"test": {}, "test_sites": {}, "validation": {},
+                    "brier_sums": {"test": {}, "test_sites": {}, "validation": {}}}
+    tests = [n for n in test_sites if n in evaluations]
+    trains = [n for n in train_sites if n in evaluations]
+    for key in keys:
+        if (entry := pooled(tests, key)) is not None:
+            result["test"][key], result["brier_sums"]["test"][key] = entry
+        if key != "ensemble" and (entry := pooled(trains, key)) is not None:
+            result["validation"][key], result["brier_sums"]["validation"][key] = entry
+    result["sites_reporting"] = sorted(evaluations)
+    for name in tests:
+        result["test_sites"][name] = dict(evaluations[name].histograms)
+        result["brier_sums"]["test_sites"][name] = dict(evaluations[name].brier_sums)
+    return result
 
 
 def summarise_evaluation(histograms: dict[str, dict[str, np.ndarray]], test_sites: list[str],
                          train_sites: list[str], folds: int) -> dict:
-    """Pooled (summed histograms) and per-site metrics; fold metrics as mean and sd over folds."""
-    def pooled(names: Iterable[str], key: str) -> np.ndarray | None:
-        parts = [histograms[n][key] for n in names if n in histograms and key in histograms[n]]
-        return np.sum(parts, axis=0) if parts else None
+    """Metrics from per-site ``hist.*`` arrays (as sites send them, without Brier sums)."""
+    evaluations = {name: SiteEvaluation({k.removeprefix("hist."): v for k, v in arrays.items()})
+                   for name, arrays in histograms.items()}
+    return metrics_from_pooled(pool_evaluations(evaluations, test_sites, train_sites, folds), folds)
+
+
+def metrics_from_pooled(pooled: dict, folds: int) -> dict:
+    """Metrics (with CIs) from pooled histograms; fold metrics as mean and sd over folds."""
+    def metrics(part: str, key: str, site: str | None = None) -> dict[str, float]:
+        hist = pooled[part][site][key] if site else pooled[part][key]
+        brier = pooled["brier_sums"][part][site].get(key) if site else pooled["brier_sums"][part].get(key)
+        return metrics_from_histograms(np.asarray(hist), brier_sum=brier)
 
     results: dict = {"test": {}, "validation": {}}
-    test_names = [n for n in test_sites if n in histograms]
-    if test_names:
-        results["test"]["ensemble_pooled"] = metrics_from_histograms(pooled(test_names, "hist.ensemble"))
-        results["test"]["ensemble_per_site"] = {
-            n: metrics_from_histograms(histograms[n]["hist.ensemble"]) for n in test_names}
-        results["test"]["folds"] = _fold_summary(
-            [metrics_from_histograms(pooled(test_names, f"hist.fold-{k}")) for k in range(folds)])
-    train_names = [n for n in train_sites if n in histograms]
-    if train_names:
-        results["validation"]["folds"] = _fold_summary(
-            [metrics_from_histograms(pooled(train_names, f"hist.fold-{k}")) for k in range(folds)])
-    results["sites_reporting"] = sorted(histograms)
+    if "ensemble" in pooled["test"]:
+        results["test"]["ensemble_pooled"] = metrics("test", "ensemble")
+        results["test"]["ensemble_per_site"] = {n: metrics("test_sites", "ensemble", n) for n in pooled["test_sites"]}
+        results["test"]["folds"] = _fold_summary([metrics("test", f"fold-{k}") for k in range(folds)])
+    if all(f"fold-{k}" in pooled["validation"] for k in range(folds)):
+        results["validation"]["folds"] = _fold_summary([metrics("validation", f"fold-{k}") for k in range(folds)])
+    results["sites_reporting"] = pooled["sites_reporting"]
     return results
 
 
 def _fold_summary(per_fold: list[dict[str, float]]) -> dict:
-    keys = [k for k in per_fold[0] if k not in ("n_pos", "n_neg", "defined")]
+    """Mean and sd over the folds where the metric is defined; per-fold CIs stay in ``per_fold``."""
+    keys = [k for k in per_fold[0] if k not in ("n_pos", "n_neg", "defined") and "_ci_" not in k]
     summary = {"per_fold": per_fold}
     for key in keys:
         values = np.array([m[key] for m in per_fold if m["defined"]], dtype=float)
-        summary[key] = {"mean": float(np.nanmean(values)) if values.size else float("nan"),
-                        "sd": float(np.nanstd(values, ddof=1)) if values.size > 1 else float("nan"),
+        values = values[np.isfinite(values)]
+        summary[key] = {"mean": float(values.mean()) if values.size else float("nan"),
+                        "sd": float(values.std(ddof=1)) if values.size > 1 else float("nan"),
                         "folds_defined": int(values.size)}
     return summary
 
 
 def _federated_rounds(fed: Federation, phase: str, fold: int | None, sites: list[Site],
-                      initial: dict[str, np.ndarray], total_rounds: int, extra_records: dict, config: dict
-                      ) -> dict[str, np.ndarray]:
-    """Run the remaining rounds of one phase (resuming from its last checkpoint), checkpointing each."""
+                      initial: dict[str, np.ndarray], total_rounds: int, extra_records: dict, config: dict,
+                      *, checkpoint_name: str | None = None) -> dict[str, np.ndarray]:
+    """Run the remaining rounds of one phase (resuming from its last checkpoint), checkpointing each.
+
+    ``checkpoint_name`` (default: the phase) names the checkpoints and log entries, so one phase can
+    train several model series (feature selection: ``finetune`` rounds saved as ``select_mMM``).
+    """
+    name = checkpoint_name or phase
     if not sites:
         raise StudyError(f"phase '{phase}' has no eligible site")
     done, arrays = 0, initial
-    if fed.study.resume and (last := fed.run.last_round(phase, fold=fold)) is not None:
+    if fed.study.resume and (last := fed.run.last_round(name, fold=fold)) is not None:
         done, arrays = last
-        log(INFO, "%s%s: resuming after round %d of %d", phase, "" if fold is None else f" fold {fold}",
+        log(INFO, "%s%s: resuming after round %d of %d", name, "" if fold is None else f" fold {fold}",
             done, total_rounds)
     if done >= total_rounds:
         return arrays
@@ -267,10 +429,11 @@ def _federated_rounds(fed: Federation, phase: str, fold: int | None, sites: list
     else:
         strategy = SiteFedAvg(node_ids, min_replies=min_replies, extra_records=extra_records)
     strategy.site_names = {s.node_id: s.name for s in sites}
+    strategy.sign = fed.sign if fed.run.signing_key is not None else None
 
     def checkpoint(server_round: int, record: ArrayRecord) -> None:
         if server_round > 0:
-            fed.run.save_round(phase, done + server_round, to_arrays(record), fold=fold)
+            fed.run.save_round(name, done + server_round, to_arrays(record), fold=fold)
 
     started = time.perf_counter()
     try:
@@ -281,10 +444,39 @@ def _federated_rounds(fed: Federation, phase: str, fold: int | None, sites: list
         raise StudyError(str(exc)) from None
     finally:
         for entry in strategy.round_log:
-            fed.rounds.append({"phase": phase, "fold": fold, **entry, "round": done + entry["round"]})
-    log(INFO, "%s%s: %d rounds in %.1f s", phase, "" if fold is None else f" fold {fold}",
+            fed.rounds.append({"phase": name, "fold": fold, **entry, "round": done + entry["round"]})
+    log(INFO, "%s%s: %d rounds in %.1f s", name, "" if fold is None else f" fold {fold}",
         total_rounds - done, time.perf_counter() - started)
     return to_arrays(result.arrays)
+
+
+def provenance(fed: Federation, encoder_hash: str | None) -> dict:
+    """What produced this run: code and package versions, the encoder, and each site's data digest."""
+    packages = {}
+    for name in ("psp-fl", "flwr", "torch", "monai", "numpy", "scikit-learn", "shap", "antspyx", "pydicom"):
+        try:
+            packages[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            packages[name] = None
+    return {
+        "code_version": packages["psp-fl"],
+        "git_commit": _git_commit(),
+        "packages": packages,
+        "encoder_hash": encoder_hash,
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "sites": {s.name: {"roles": s.roles, "n_cases": int(s.counts.get("num-examples", 0)),
+                           "data_hash": s.data_hash} for s in fed.sites},
+    }
+
+
+def _git_commit() -> str | None:
+    """The source checkout's commit when the code runs from one (None for an installed wheel)."""
+    try:
+        done = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True,
+                              text=True, timeout=10, check=False)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return done.stdout.strip() if done.returncode == 0 else None
 
 
 def _wait_for_nodes(fed: Federation) -> list[int]:
@@ -300,9 +492,12 @@ def _wait_for_nodes(fed: Federation) -> list[int]:
 
 
 def _released(run: RunDir, name: str) -> dict[str, np.ndarray]:
+    """A model an earlier run released; with a signing key its signature must verify too."""
     path = run.root / "models" / f"{name}.npz"
     if not path.is_file():
         raise StudyError(f"{path} does not exist: run the phase that produces it first (phases=...)")
+    if run.signing_key is not None:
+        verify_file(path, run.signing_key.public_key())
     return load_verified_npz(path)
 
 

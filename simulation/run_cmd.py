@@ -12,9 +12,10 @@ import typer
 
 from psp_model.evaluate.report import write_report
 from psp_model.preprocess.pipeline import PreprocessSettings, preprocess_site
+from psp_model.signing import PRIVATE_KEY_FILE, PUBLIC_KEY_FILE, generate_signing_key
 from psp_model.sites import load_site_config
 from psp_model.study import StudyConfig
-from simulation.cohort import SITE_CONFIG_DIR, SUMMARY_FILE, generate_cohort
+from simulation.cohort import SITE_CONFIG_DIR, SUMMARY_FILE, generate_cohort, set_model_signing_key
 from simulation.federation import simulate_study
 
 STUDY_DEFAULTS: dict[str, StudyConfig] = {
@@ -48,7 +49,7 @@ def run(
     2. psp-client preprocess at every site (cached: reruns skip finished cases);
     3. the federated study as a Flower simulation (one SuperNode per site): stats, SSL
        pretraining, fine-tuning of the fold heads, evaluation at the test site;
-    4. report.md in the run folder.
+    4. report.html and report.md in the run folder.
     """
     if profile not in STUDY_DEFAULTS:
         raise typer.BadParameter(f"{profile!r} is not one of {list(STUDY_DEFAULTS)}", param_hint="--profile")
@@ -56,20 +57,30 @@ def run(
     cohort_dir, run_dir = out / "cohort", out / "run"
     started = time.perf_counter()
     _cohort(cohort_dir, profile, seed)
+    signing_key, public_key = _signing_keys(out / "keys")
+    set_model_signing_key(cohort_dir, public_key)
     for config_path in sorted((cohort_dir / SITE_CONFIG_DIR).glob("*.yaml")):
         site = load_site_config(config_path)
         run_result = preprocess_site(site, PreprocessSettings(profile=profile), workers=workers)
         typer.echo(f"  {site.name}: {run_result.n_ok} of {len(run_result.results)} cases usable "
                    f"(QC: {run_result.qc_markdown})")
     study = replace(STUDY_DEFAULTS[profile], seed=seed, cohort_dir=str(cohort_dir), run_dir=str(run_dir),
-                    resume=resume)
+                    resume=resume, signing_key=str(signing_key))
     typer.echo(f"federated study: {study.to_run_config()}")
     simulate_study(study)
-    report = write_report(run_dir, truth_summary=cohort_dir / SUMMARY_FILE)
+    markdown, html = write_report(run_dir, truth_summary=cohort_dir / SUMMARY_FILE)
     typer.echo(f"\ndone in {time.perf_counter() - started:.0f} s")
-    typer.echo(f"report:  {report}")
+    typer.echo(f"report:  {html}\n         {markdown}")
     typer.echo(f"models:  {run_dir / 'models'}")
     typer.echo(f"metrics: {run_dir / 'metrics.json'}")
+
+
+def _signing_keys(keys_dir: Path) -> tuple[Path, Path]:
+    """The simulated coordinator's model-signing key pair (made once per --out, as 'psp-server certs' would)."""
+    private, public = keys_dir / PRIVATE_KEY_FILE, keys_dir / PUBLIC_KEY_FILE
+    if not (private.is_file() and public.is_file()):
+        generate_signing_key(private, public)
+    return private, public
 
 
 def _cohort(cohort_dir: Path, profile: str, seed: int) -> None:

@@ -107,3 +107,38 @@ def test_resume_after_a_crash_ends_with_the_same_weights(finished_run: Path, stu
         assert expected.keys() == resumed.keys()
         for name in expected:
             np.testing.assert_array_equal(resumed[name], expected[name], err_msg=name)
+
+
+@pytest.mark.parametrize("mode", ["transfer", "scratch"])
+def test_end_to_end_encoder_modes_train_and_send_the_encoder(finished_run: Path, study: StudyConfig, mode: str,
+                                                           tmp_path: Path) -> None:
+    run_dir = tmp_path / mode
+    (run_dir / "models").mkdir(parents=True)
+    for name in ("encoder.npz", "encoder.sha256"):
+        shutil.copy(finished_run / "models" / name, run_dir / "models" / name)
+    simulate_study(replace(study, run_dir=str(run_dir), phases="stats,finetune,evaluate", encoder_mode=mode, folds=2,
+                           finetune_rounds=1, finetune_local_epochs=1))
+    ssl_encoder = load_verified_npz(finished_run / "models" / "encoder.npz")
+    fold = load_verified_npz(run_dir / "models" / "fold_0.npz")
+    encoder = {k: v for k, v in fold.items() if k.startswith("encoder.")}
+    assert encoder.keys() == ssl_encoder.keys(), "the trained encoder must travel with the head"
+    assert any(not np.array_equal(encoder[k], ssl_encoder[k]) for k in encoder), "the encoder did not train"
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert metrics["test"]["ensemble_pooled"]["defined"] == 1.0
+    assert json.loads((run_dir / "models" / "ensemble.json").read_text())["encoder_mode"] == mode
+
+
+def test_shap_ranks_every_feature_and_selection_picks_a_best_m(finished_run: Path, study: StudyConfig,
+                                                               tmp_path: Path) -> None:
+    run_dir = tmp_path / "shap"
+    shutil.copytree(finished_run / "models", run_dir / "models")
+    simulate_study(replace(study, run_dir=str(run_dir), phases="stats,shap,select", finetune_rounds=1,
+                           finetune_local_epochs=1))
+    shap = json.loads((run_dir / "shap.json").read_text())
+    assert {"age", "sex", "days_since_rt", "dose_d98", "mgmt"} <= set(shap["features"])
+    assert len(shap["mean_abs_shap"]) == len(shap["features"]) and all(v >= 0 for v in shap["mean_abs_shap"])
+    assert shap["n_cases"] == sum(site["n_cases"] for site in shap["per_site"].values()) > 0
+    selection = shap["selection"]
+    assert selection["m"] == list(range(1, len(shap["features"]) + 1))
+    assert 1 <= selection["best_m"] <= len(shap["features"])
+    assert selection["val_auc"][selection["best_m"] - 1] == max(selection["val_auc"])

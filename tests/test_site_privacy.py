@@ -1,0 +1,53 @@
+"""The site's own DP policy applied to what leaves, with the epsilon spent counted per study."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from psp_model.privacy import epsilon_spent
+from psp_model.site_tasks import LocalSite
+from psp_model.sites import DPPolicy, load_site_config
+from psp_model.study import StudyConfig
+
+
+@pytest.fixture()
+def site(tiny_cohort: Path, tmp_path: Path):
+    config = load_site_config(tiny_cohort / "site_configs" / "burdenko.yaml")
+    return replace(config, work_dir=tmp_path / "work")
+
+
+def _update() -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+    received = {"head.w": np.zeros((4, 4), dtype=np.float32), "head.b": np.zeros(4, dtype=np.float32)}
+    trained = {"head.w": np.full((4, 4), 3.0, dtype=np.float32), "head.b": np.full(4, 3.0, dtype=np.float32)}
+    return trained, received
+
+
+def test_without_a_policy_the_update_leaves_unchanged_and_no_epsilon_is_reported(site) -> None:
+    trained, received = _update()
+    metrics: dict[str, float] = {}
+    released = LocalSite(site, StudyConfig()).release_update(trained, received, metrics)
+    assert released is trained and "dp-epsilon" not in metrics
+
+
+def test_with_a_policy_the_update_is_clipped_and_noised_and_epsilon_grows_per_release(site) -> None:
+    dp = DPPolicy(clip_norm=1.0, noise_multiplier=0.5, delta=1e-5)
+    local = LocalSite(replace(site, privacy=replace(site.privacy, dp=dp)), StudyConfig(run_dir="/runs/a"))
+    trained, received = _update()
+    epsilons = []
+    for _ in range(3):
+        metrics: dict[str, float] = {}
+        released = local.release_update(trained, received, metrics)
+        epsilons.append(metrics["dp-epsilon"])
+        assert released.keys() == trained.keys()
+        assert not np.allclose(released["head.w"], trained["head.w"]), "the raw update left the site"
+    assert epsilons == pytest.approx([epsilon_spent(dp, n) for n in (1, 2, 3)])
+    ledger = json.loads((Path(site.work_dir) / "privacy" / "dp_ledger.json").read_text())
+    assert ledger == {"/runs/a#seed=0": 3}
+    other_study: dict[str, float] = {}
+    LocalSite(local.site, StudyConfig(run_dir="/runs/b")).release_update(trained, received, other_study)
+    assert other_study["dp-epsilon"] == pytest.approx(epsilon_spent(dp, 1))
