@@ -415,14 +415,21 @@ def evaluate_site(local: LocalSite, fold_heads: list[dict[str, np.ndarray]], *, 
             reply.arrays[f"hist.fold-{k}"] = score_histograms(probs, labels)
             reply.metrics[f"brier-sum.fold-{k}"] = float(np.sum((probs - labels) ** 2))
     else:
+        withheld = 0
         for k, ((_, val_index), head) in enumerate(zip(local.folds(), fold_heads)):
-            local.require_count(len(val_index), f"validation aggregates of fold {k}")
+            if len(val_index) < local.site.privacy.min_aggregate_count:
+                withheld += 1  # this fold's aggregate would come from too few cases; the other folds still go
+                continue
             data = ClassifierData(None if tokens is None else tokens[val_index], clinical[val_index],
                                   labels[val_index])
             probs = predict_proba(_classifier(local, installed, manifest, head, what=f"the fold-{k} model"), data,
                                   device=local.study.device)
             reply.arrays[f"hist.fold-{k}"] = score_histograms(probs, labels[val_index])
             reply.metrics[f"brier-sum.fold-{k}"] = float(np.sum((probs - labels[val_index]) ** 2))
+        reply.metrics["folds-withheld"] = float(withheld)
+        if withheld == len(fold_heads):
+            raise PrivacyRefusal(f"site {local.site.name} refuses to send validation aggregates: every fold has fewer "
+                                 f"than its privacy.min_aggregate_count = {local.site.privacy.min_aggregate_count} cases")
     reply.metrics.update({"num-examples": float(len(labels)), "n-tp": float(labels.sum()),
                           "n-psp": float(len(labels) - labels.sum())})
     return reply

@@ -40,7 +40,7 @@ ALLOWED: dict[str, dict[str, tuple[str, ...]]] = {
     "shap": {"arrays": ("shap.mean_abs",), "metrics": ("num-examples",), "configs": ("site-name",)},
     "evaluate": {
         "arrays": ("hist.*",),
-        "metrics": ("num-examples", "n-tp", "n-psp", "brier-sum.*"),
+        "metrics": ("num-examples", "n-tp", "n-psp", "brier-sum.*", "folds-withheld"),
         "configs": ("site-name",),
     },
 }

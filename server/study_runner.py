@@ -24,7 +24,7 @@ from flwr.serverapp import Grid
 from flwr.supercore import log
 
 from client.records import CONFIG, SIGNATURE, from_arrays, signed_digest, to_arrays
-from psp_model.evaluate.metrics import metrics_from_histograms
+from psp_model.evaluate.metrics import N_BINS, metrics_from_histograms
 from psp_model.evaluate.shap_rank import (
     combine_site_shap,
     rank_features,
@@ -384,8 +384,11 @@ def metrics_from_pooled(pooled: dict, folds: int) -> dict:
         results["test"]["ensemble_pooled"] = metrics("test", "ensemble")
         results["test"]["ensemble_per_site"] = {n: metrics("test_sites", "ensemble", n) for n in pooled["test_sites"]}
         results["test"]["folds"] = _fold_summary([metrics("test", f"fold-{k}") for k in range(folds)])
-    if all(f"fold-{k}" in pooled["validation"] for k in range(folds)):
-        results["validation"]["folds"] = _fold_summary([metrics("validation", f"fold-{k}") for k in range(folds)])
+    if any(f"fold-{k}" in pooled["validation"] for k in range(folds)):
+        # A fold no site could report (too few cases for its privacy policy) stays in the list, undefined.
+        results["validation"]["folds"] = _fold_summary([
+            metrics("validation", f"fold-{k}") if f"fold-{k}" in pooled["validation"]
+            else metrics_from_histograms(np.zeros((2, N_BINS))) for k in range(folds)])
     results["sites_reporting"] = pooled["sites_reporting"]
     return results
 

@@ -18,12 +18,15 @@ from psp_model.study import StudyConfig
 from simulation.cohort import SITE_CONFIG_DIR, SUMMARY_FILE, generate_cohort, set_model_signing_key
 from simulation.federation import simulate_study
 
+SIMULATION_PHASES = "stats,ssl,finetune,evaluate,shap"
+"""The README's main job also ranks the clinical/dose features; ``select`` stays optional (F extra CV runs)."""
+
 STUDY_DEFAULTS: dict[str, StudyConfig] = {
-    "tiny": StudyConfig(profile="tiny", ssl_rounds=2, ssl_local_epochs=1, finetune_rounds=3,
+    "tiny": StudyConfig(profile="tiny", phases=SIMULATION_PHASES, ssl_rounds=2, ssl_local_epochs=1, finetune_rounds=3,
                         finetune_local_epochs=10, batch_size=4, finetune_lr=1e-4),
-    "demo": StudyConfig(profile="demo", ssl_rounds=3, ssl_local_epochs=2, finetune_rounds=5,
+    "demo": StudyConfig(profile="demo", phases=SIMULATION_PHASES, ssl_rounds=3, ssl_local_epochs=2, finetune_rounds=5,
                         finetune_local_epochs=6, batch_size=4, finetune_lr=1e-4, ssl_lr=2e-4),
-    "full": StudyConfig(profile="full", ssl_rounds=20, ssl_local_epochs=2, finetune_rounds=10,
+    "full": StudyConfig(profile="full", phases=SIMULATION_PHASES, ssl_rounds=20, ssl_local_epochs=2, finetune_rounds=10,
                         finetune_local_epochs=3, batch_size=4, finetune_lr=1e-4),
 }
 """Rounds and epochs per profile: tiny for a smoke run, demo sized to finish in minutes on a laptop CPU.

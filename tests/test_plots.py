@@ -49,7 +49,7 @@ def _read_png(path: Path) -> np.ndarray:
 @pytest.mark.parametrize(("draw", "size"), [
     (lambda path: plot_roc(_curves(), path, title="External test"), (900, 900)),
     (lambda path: plot_calibration(_curves(), path, title="External test"), (1050, 900)),
-    (lambda path: plot_training_curves(_rounds(), path), (675, 1650)),
+    (lambda path: plot_training_curves(_rounds(), path), (675, 1800)),
 ])
 def test_each_plot_writes_a_readable_png_of_the_expected_size(tmp_path: Path, draw, size) -> None:
     path = tmp_path / "figure.png"

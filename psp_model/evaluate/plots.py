@@ -137,7 +137,7 @@ def plot_training_curves(rounds: Sequence[Mapping], path: Path) -> Path:
             points = series.setdefault((entry["phase"], entry.get("fold"), key), [])
             points.append((int(entry["round"]), NAN if value is None else float(value)))
     with matplotlib.rc_context(STYLE):
-        figure = _figure((11.0, 4.5))
+        figure = _figure((12.0, 4.5))
         panels = dict(zip(PHASES, figure.subplots(1, 2)))
         titles = {"ssl": "self-supervised pre-training", "finetune": "fine-tuning (one line per fold)"}
         for phase, ax in panels.items():
@@ -162,7 +162,9 @@ def plot_training_curves(rounds: Sequence[Mapping], path: Path) -> Path:
             if folds != [None]:
                 handles += [Line2D([], [], color=PALETTE[i % len(PALETTE)], label=f"fold {fold}")
                             for i, fold in enumerate(folds)]
-            ax.legend(handles=handles, loc="upper right", frameon=True, framealpha=0.9)
+            outside = folds != [None]
+            ax.legend(handles=handles, frameon=True, framealpha=0.9,
+                      **({"loc": "upper left", "bbox_to_anchor": (1.01, 1.0)} if outside else {"loc": "best"}))
             ax.xaxis.get_major_locator().set_params(integer=True)
         return _save(figure, path)
 

@@ -242,7 +242,8 @@ def _figures_section(folder: Path, files: dict[str, Any]) -> list[Block]:
         blocks.append(Figure(plot_feature_ranking(
             features, [shap["mean_abs_shap"][i] for i in order], folder / "shap_ranking.png",
             title="Mean |SHAP| per feature", highlight=frozenset(features[:best])),
-            f"Mean |SHAP| per feature over the validation folds (the {best} selected features highlighted)."))
+            "Mean |SHAP| per feature over the validation folds"
+            + (f" (the {best} selected features highlighted)." if best else ".")))
     modality_curves = (ablation or {}).get("histograms", {}).get("modalities")
     if modality_curves:
         blocks.append(Figure(plot_roc(_arrays(modality_curves), folder / "roc_modalities.png",
