@@ -16,7 +16,6 @@ them are not noised.
 from __future__ import annotations
 
 import numpy as np
-from opacus.accountants.analysis.rdp import compute_rdp, get_privacy_spent
 
 from psp_model.sites import DPPolicy
 
@@ -77,6 +76,8 @@ def epsilon_spent(dp: DPPolicy, rounds: int) -> float:
         raise ValueError(f"rounds must be 0 or more, got {rounds}")
     if rounds == 0:
         return 0.0
+    from opacus.accountants.analysis.rdp import compute_rdp, get_privacy_spent  # opacus's package import takes seconds
+
     orders = list(RDP_ORDERS)
     rdp = compute_rdp(q=1.0, noise_multiplier=dp.noise_multiplier / 2, steps=rounds, orders=orders)
     epsilon, _ = get_privacy_spent(orders=orders, rdp=rdp, delta=dp.delta)
