@@ -57,8 +57,10 @@ def start(
 
     Outgoing messages pass the site's allow-list and are written to its audit log
     (<work_dir>/audit/outgoing.jsonl). Flower's own files go to <work_dir>/flwr_home.
-    Exit status: 2 for a config error; otherwise the SuperNode's (non-zero, with "Exit Code: 305" in the log, when
-    the key is not registered).
+    Exit status: 2 for a config error; otherwise the SuperNode's. It is non-zero with "Exit Code: 305" in the
+    log when the key is not registered, and also when this site's previous SuperNode died less than about a
+    minute ago: the SuperLink counts it online until its heartbeat lapses (up to 60 s). Start again a minute
+    later; the site keeps its node id and rejoins the running study.
     """
     try:
         site = load_site_config(site_config)

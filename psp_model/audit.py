@@ -25,9 +25,13 @@ def _digest(prev: str, entry: dict[str, Any]) -> str:
 
 
 def append_audit_entry(path: Path, entry: dict[str, Any]) -> dict[str, Any]:
-    """Append one entry (locked against concurrent writers, fsynced) and return it with its chain fields."""
+    """Append one entry (locked against concurrent writers, fsynced) and return it with its chain fields.
+
+    A failed append (a full disk included) is cut off again, so the log never ends in half a line.
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a+", encoding="utf-8") as stream:
+    # Unbuffered: nothing is left in a buffer that closing the file could write after the cut.
+    with open(path, "a+b", buffering=0) as stream:
         fcntl.flock(stream, fcntl.LOCK_EX)
         stream.seek(0)
         last = None
@@ -38,9 +42,15 @@ def append_audit_entry(path: Path, entry: dict[str, Any]) -> dict[str, Any]:
         record = {"seq": previous["seq"] + 1, "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), **entry}
         record["prev"] = previous["hash"]
         record["hash"] = _digest(record["prev"], record)
-        stream.write(json.dumps(record, sort_keys=True) + "\n")
-        stream.flush()
-        os.fsync(stream.fileno())
+        size = stream.seek(0, os.SEEK_END)
+        pending = memoryview((json.dumps(record, sort_keys=True) + "\n").encode("utf-8"))
+        try:
+            while pending:
+                pending = pending[stream.write(pending):]
+            os.fsync(stream.fileno())
+        except BaseException:
+            os.ftruncate(stream.fileno(), size)
+            raise
     return record
 
 

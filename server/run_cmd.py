@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import datetime as dt
+import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -12,6 +14,8 @@ import typer
 
 from client.start_cmd import toml_string
 from server.connection import CONNECTION, flwr_env, resolve_connection
+
+_STARTED_RUN = re.compile(r"Successfully started run (\d+)")
 
 
 class ConnectionOptions:
@@ -47,7 +51,10 @@ def run(
     certs: ConnectionOptions.certs = None,
     insecure: ConnectionOptions.insecure = False,
 ) -> None:
-    """Submit a study (the ServerApp in --app) with run-config overrides; print where its outputs go."""
+    """Submit a study (the ServerApp in --app) with run-config overrides; print where its outputs go.
+
+    With --stream the exit status is the study's: 1 when it failed (its error is in the streamed log).
+    """
     overrides = list(config or [])
     if any(item.split("=", 1)[0].strip() == "run-dir" for item in overrides):
         raise typer.BadParameter("give the run directory with --run-dir (it is made absolute here)",
@@ -67,6 +74,37 @@ def run(
     if stream:
         command.append("--stream")
     typer.echo(f"run directory: {run_dir}")
-    result = subprocess.run(command, env=env, check=False)
-    typer.echo(f"run directory: {run_dir}" + ("" if result.returncode == 0 else f" (flwr exited {result.returncode})"))
-    raise typer.Exit(result.returncode)
+    returncode, run_id = _run_and_echo(command, env)
+    if returncode != 0:
+        typer.echo(f"run directory: {run_dir} (flwr exited {returncode})")
+        raise typer.Exit(returncode)
+    typer.echo(f"run directory: {run_dir}")
+    # 'flwr run --stream' exits 0 whatever became of the run: ask the SuperLink how the study ended.
+    status = _run_status(run_id, env) if stream and run_id else None
+    if status is not None and status != "finished:completed":
+        typer.echo(f"error: the study (run {run_id}) ended '{status}': the ServerApp's error is in the log above. "
+                   "After fixing its cause, rerun with -c resume=true and the same --run-dir to continue from the "
+                   "last checkpoint.", err=True)
+        raise typer.Exit(1)
+
+
+def _run_and_echo(command: list[str], env: dict[str, str]) -> tuple[int, str | None]:
+    """Run ``flwr run``, echoing its output as it comes; return its exit status and the run id it printed."""
+    run_id = None
+    with subprocess.Popen(command, env=env, stdout=subprocess.PIPE, text=True, errors="replace") as process:
+        for line in process.stdout:
+            typer.echo(line, nl=False)
+            if run_id is None and (found := _STARTED_RUN.search(line)):
+                run_id = found.group(1)
+    return process.returncode, run_id
+
+
+def _run_status(run_id: str, env: dict[str, str]) -> str | None:
+    """The run's status as the SuperLink reports it (e.g. ``finished:failed``); None when it cannot say."""
+    result = subprocess.run(flwr_command("ls", CONNECTION, "--run-id", run_id, "--format", "json"), env=env,
+                            capture_output=True, text=True, check=False)
+    try:
+        runs = json.loads(result.stdout)["runs"]
+    except (json.JSONDecodeError, KeyError, TypeError):
+        return None
+    return str(runs[0]["status"]) if runs else None

@@ -72,6 +72,7 @@ class Federation:
     run: RunDir
     sites: list[Site] = field(default_factory=list)
     rounds: list[dict] = field(default_factory=list)
+    sent_to: dict[str, int] = field(default_factory=dict)  # message id -> destination node
 
     def sign(self, content: RecordDict) -> bytes | None:
         """The study's signature over a message's arrays (None when the study has no signing key)."""
@@ -92,8 +93,13 @@ class Federation:
         messages = [Message(RecordDict(dict(records)), dst_node_id=s.node_id, message_type=message_type)
                     for s in sites]
         replies = list(self.grid.send_and_receive(messages, timeout=self.study.round_timeout))
+        self.sent_to.update({m.metadata.message_id: m.metadata.dst_node_id for m in messages})  # ids set on push
         names = {s.node_id: s.name for s in self.sites}
-        return sorted(replies, key=lambda m: names.get(m.metadata.src_node_id, str(m.metadata.src_node_id)))
+        return sorted(replies, key=lambda m: names.get(self.sender(m), str(self.sender(m))))
+
+    def sender(self, reply: Message) -> int:
+        """The node a reply answers for: the SuperLink answers for an unreachable node under its own id (1)."""
+        return self.sent_to.get(reply.metadata.reply_to_message_id, reply.metadata.src_node_id)
 
 
 def run_study(grid: Grid, study: StudyConfig, run: RunDir) -> dict:
@@ -158,7 +164,7 @@ def phase_stats(fed: Federation) -> tuple[NyulLandmarks, FeatureManifest | None]
     landmark_parts, clinical_parts = [], []
     for reply in replies:
         if reply.has_error():
-            log(INFO, "stats: node %s failed: %s", reply.metadata.src_node_id, reply.error.reason)
+            log(INFO, "stats: node %s failed: %s", fed.sender(reply), reply.error.reason)
             continue
         config, metrics = reply.content["config"], reply.content["metrics"]
         site = Site(reply.metadata.src_node_id, str(config["site-name"]), list(config["site-roles"]), dict(metrics),
@@ -209,7 +215,7 @@ def install_model(fed: Federation, encoder: dict[str, np.ndarray], landmarks: Ny
         "arrays": record, "nyul": from_arrays(landmarks_to_arrays(landmarks)),
         "config": ConfigRecord({PHASE_KEY: "install", "manifest-json": manifest.to_json()}),
     }))
-    failed = {m.metadata.src_node_id: m.error.reason for m in replies if m.has_error()}
+    failed = {fed.sender(m): m.error.reason for m in replies if m.has_error()}
     wrong = [m.metadata.src_node_id for m in replies
              if not m.has_error() and str(m.content["config"]["encoder-hash"]) != fingerprint]
     fed.rounds.append({"phase": "install", "round": 0, "nodes": len(sites), "replies": len(replies) - len(failed),
@@ -255,7 +261,7 @@ def _collect_evaluations(fed: Federation, sites: list[Site], heads: list[dict[st
     by_name = {s.node_id: s for s in sites}
     evaluations: dict[str, SiteEvaluation] = {}
     for reply in replies:
-        site = by_name[reply.metadata.src_node_id]
+        site = by_name[fed.sender(reply)]
         if reply.has_error():
             log(INFO, "evaluate: site %s failed: %s", site.name, reply.error.reason)
             continue
@@ -281,7 +287,7 @@ def phase_shap(fed: Federation, heads: list[dict[str, np.ndarray]], encoder_hash
     per_site: dict[str, tuple[np.ndarray, int]] = {}
     for reply in replies:
         if reply.has_error():
-            log(INFO, "shap: site %s failed: %s", names[reply.metadata.src_node_id], reply.error.reason)
+            log(INFO, "shap: site %s failed: %s", names.get(fed.sender(reply), fed.sender(reply)), reply.error.reason)
             continue
         per_site[names[reply.metadata.src_node_id]] = (to_arrays(reply.content["arrays"])["shap.mean_abs"],
                                                         int(reply.content["metrics"]["num-examples"]))

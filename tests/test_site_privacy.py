@@ -51,3 +51,31 @@ def test_with_a_policy_the_update_is_clipped_and_noised_and_epsilon_grows_per_re
     other_study: dict[str, float] = {}
     LocalSite(local.site, StudyConfig(run_dir="/runs/b")).release_update(trained, received, other_study)
     assert other_study["dp-epsilon"] == pytest.approx(epsilon_spent(dp, 1))
+
+
+def test_a_fold_with_too_few_validation_cases_is_withheld_alone(tiny_cohort: Path) -> None:
+    from psp_model.nets.encoder import MRIEncoder
+    from psp_model.preprocess.clinical import build_manifest, fit_clinical_stats
+    from psp_model.profiles import get_profile
+    from psp_model.site_tasks import PrivacyRefusal, evaluate_site, initial_finetune_state, install_study_model
+
+    site = load_site_config(tiny_cohort / "site_configs" / "burdenko.yaml")
+    study = StudyConfig(profile="tiny", folds=5, device="cpu")
+
+    def local_with(minimum: int) -> LocalSite:
+        return LocalSite(replace(site, privacy=replace(site.privacy, min_aggregate_count=minimum)), study)
+
+    local = local_with(5)
+    local.prepare()
+    sizes = [len(val) for _, val in local.folds()]
+    assert sorted(sizes) == [4, 5, 5, 5, 5], "the tiny burdenko site has 24 cases"
+    manifest = build_manifest(fit_clinical_stats(local.data.records, local.data.dose))
+    encoder = {f"encoder.{k}": v.numpy() for k, v in MRIEncoder(get_profile("tiny").encoder).state_dict().items()}
+    encoder_hash = install_study_model(local, encoder, local.data.local_landmarks(), manifest).configs["encoder-hash"]
+    heads = [initial_finetune_state(study, manifest, k, encoder) for k in range(5)]
+
+    reply = evaluate_site(local, heads, encoder_hash=encoder_hash)
+    sent = sorted(int(name.removeprefix("hist.fold-")) for name in reply.arrays)
+    assert sent == [k for k, n in enumerate(sizes) if n >= 5] and reply.metrics["folds-withheld"] == 1.0
+    with pytest.raises(PrivacyRefusal, match="every fold has fewer than"):
+        evaluate_site(local_with(6), heads, encoder_hash=encoder_hash)
