@@ -7,6 +7,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from typer.testing import CliRunner
 from deployment_helpers import (
     Federation,
     Processes,
@@ -118,3 +119,22 @@ def test_connection_is_saved_under_the_state_folder(tmp_path: Path) -> None:
     config = (state / "flwr_home" / "config.toml").read_text()
     assert "insecure = true" in config and 'default = "psp"' in config
     assert load_connection(state) == Connection("127.0.0.1:9000", None)
+
+
+@pytest.mark.parametrize(("host", "warned"), [(None, False), ("10.1.2.3", False), ("0.0.0.0", True)])
+def test_superlink_listens_on_loopback_unless_told_and_warns_on_every_interface(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, host: str | None, warned: bool) -> None:
+    import server.start_cmd
+    from server.cli import app
+
+    launched = {}
+    monkeypatch.setattr(server.start_cmd, "exec_flower",
+                        lambda command, args, env: launched.update(args=args, env=env))
+    monkeypatch.setenv("FLWR_INTERNAL_GRPC_CONTROL_API", "1")
+    options = [] if host is None else ["--host", host]
+    result = CliRunner().invoke(app, ["start", "--state", str(tmp_path / "state"), "--insecure", *options])
+    assert result.exit_code == 0, result.output
+    args = launched["args"]
+    assert args[args.index("--host") + 1] == (host or "127.0.0.1")
+    assert not any(k.startswith("FLWR_INTERNAL_GRPC_") for k in launched["env"])
+    assert ("Control API" in result.output and "EVERY interface" in result.output) is warned
