@@ -21,6 +21,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import yaml
 from deployment_helpers import (
     Federation,
     Processes,
@@ -192,6 +193,38 @@ def test_a_corrupted_checkpoint_is_refused_on_resume(federation: Federation, cra
     assert f"{newest.name} does not match its SHA-256" in log and "Delete it to resume from the round before" in log
     assert "ended 'finished:failed'" in log and "rerun with -c resume=true" in log
     assert not (run_dir / "models" / "fold_0.npz").exists()
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_a_site_policy_refusal_is_logged_at_the_site_and_reported_as_a_failed_reply(federation: Federation) -> None:
+    audit_log = federation.work("uker") / "audit" / "outgoing.jsonl"
+
+    def refused_finetune() -> list[dict]:
+        lines = audit_log.read_text().splitlines() if audit_log.is_file() else []
+        return [e for e in map(json.loads, lines) if e["phase"] == "finetune" and not e["sent"]]
+
+    before = len(refused_finetune())
+    site_yaml = federation.sites["uker"]
+    original = site_yaml.read_text()
+    config = yaml.safe_load(original)
+    config["privacy"]["allowed_arrays"] = ["encoder.*"]  # this site now lets no head arrays leave
+    site_yaml.write_text(yaml.safe_dump(config))
+    try:
+        run_dir = federation.tmp / "run-refused"
+        returncode, log = _finish(federation, _start_study(federation, "study-refused", run_dir, "finetune-rounds=1"),
+                                  timeout=400)
+    finally:
+        site_yaml.write_text(original)
+    assert returncode == 0, log[-4000:] + federation.logs()
+    uker_id = str(_node_id(run_dir, "uker"))
+    rounds = _finetune_rounds(run_dir)
+    assert rounds and all(r["replies"] == 1 and "site uker refused to send" in r["failures"][uker_id] for r in rounds)
+    refused = refused_finetune()[before:]
+    assert len(refused) == len(rounds)
+    assert all(e["arrays"] and all(name.startswith("head.") for name in e["arrays"]) for e in refused)
+    assert all("not allowed" in " ".join(e["refused"]) for e in refused)
+    assert verify_audit_log(audit_log) == []
 
 
 def _full_disk(monkeypatch: pytest.MonkeyPatch, *, after: int = 0) -> None:
