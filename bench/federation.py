@@ -7,8 +7,8 @@
    ``ArrayRecord.count_bytes``), and from a real tiny simulated study's ``rounds.json``.
 2. Overhead: wall time of the simulated tiny study (stats, ssl, finetune x folds, evaluate, as the
    ServerApp timed it in ``timings.json``) over the wall time of the same local epochs trained
-   centrally on the pooled data with the same code. The simulation engine's start (Ray) is reported
-   apart: it is paid once per run, not per study phase.
+   centrally on the pooled data with the same code (``simulation.central.central_seconds``). The
+   simulation engine's start (Ray) is reported apart: it is paid once per run, not per study phase.
 3. Scale: a tiny SSL round with N simulated sites (copies of one SSL site sharing its preprocessed
    data) for growing N, until a round fails or exceeds ``--scale-timeout``.
 """
@@ -25,19 +25,16 @@ from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
-import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from flwr.app import Array, ArrayRecord  # noqa: E402
 
-from psp_model.preprocess.clinical import build_manifest, encode, fit_clinical_stats  # noqa: E402
-from psp_model.preprocess.nyul import combine_landmarks  # noqa: E402
 from psp_model.preprocess.pipeline import PreprocessSettings, preprocess_site  # noqa: E402
-from psp_model.site_data import load_site_data  # noqa: E402
-from psp_model.site_tasks import head_config, initial_head_state, initial_ssl_state, round_seed  # noqa: E402
+from psp_model.site_tasks import head_config, initial_ssl_state  # noqa: E402
 from psp_model.sites import load_site_config  # noqa: E402
 from psp_model.study import StudyConfig  # noqa: E402
+from simulation.central import central_seconds  # noqa: E402
 from simulation.cohort import generate_cohort  # noqa: E402
 from simulation.federation import simulate_study  # noqa: E402
 from simulation.run_cmd import STUDY_DEFAULTS  # noqa: E402
@@ -60,60 +57,6 @@ def model_bytes(n_features: int = 13) -> list[dict]:
         rows.append({"profile": profile, "ssl_bytes": ssl, "finetune_bytes": finetune,
                      "finetune_over_ssl": finetune / ssl})
     return rows
-
-
-def central_seconds(cohort: Path, study: StudyConfig) -> dict[str, float]:
-    """The study's local epochs on pooled data, with the same training functions, one process.
-
-    Returns seconds for ``ssl``, ``finetune`` (all folds) and ``study`` (everything, data loading included).
-    """
-    from psp_model.nets.encoder import MRIEncoder, SSLAutoencoder
-    from psp_model.nets.fusion import build_classifier, load_trainable_state
-    from psp_model.train.finetune import ClassifierData, FinetuneConfig, predict_proba, train_classifier
-    from psp_model.train.ssl import SSLConfig, train_ssl
-    from psp_model.train.token_cache import encode_cached
-    from sklearn.model_selection import StratifiedKFold
-
-    sites = {p.stem: load_site_config(p) for p in sorted((cohort / "site_configs").glob("*.yaml"))}
-    started = time.perf_counter()
-    ssl_data = [load_site_data(s, labelled="train" in s.roles) for s in sites.values() if {"ssl", "train"} & set(s.roles)]
-    landmarks = combine_landmarks([d.local_landmarks() for d in ssl_data])
-    volumes = [torch.as_tensor(v) for d in ssl_data if d.records is None for v in d.standardized(landmarks)]
-    model = SSLAutoencoder(study_profile(study).encoder)
-    model.load_state_dict({k: torch.as_tensor(v) for k, v in initial_ssl_state(study).items()})
-    ssl_started = time.perf_counter()
-    train_ssl(model, volumes, SSLConfig(lr=study.ssl_lr, batch_size=study.batch_size,
-                                        epochs=study.ssl_rounds * study.ssl_local_epochs, seed=study.seed,
-                                        precision=study.precision), progress=False)
-    ssl_seconds = time.perf_counter() - ssl_started
-    train = next(d for d in ssl_data if d.records is not None)
-    manifest = build_manifest(fit_clinical_stats(train.records, train.dose))
-    encoder = MRIEncoder(study_profile(study).encoder)
-    encoder.load_state_dict({k.removeprefix("encoder."): v for k, v in model.state_dict().items()
-                             if k.startswith("encoder.")})
-    finetune_started = time.perf_counter()
-    with tempfile.TemporaryDirectory() as cache:
-        tokens = encode_cached(encoder, torch.as_tensor(train.standardized(landmarks)), cache_dir=Path(cache))
-        clinical, labels = encode(train.records, train.dose, manifest), train.labels
-        splits = StratifiedKFold(study.folds, shuffle=True, random_state=round_seed(study.seed, "folds"))
-        for fold, (tr, va) in enumerate(splits.split(clinical, labels)):
-            config = head_config(study_profile(study), len(manifest.features), study.head_variant)
-            classifier = build_classifier(config, encoder, encoder_mode="ssl", encoder_weights=encoder.state_dict())
-            load_trainable_state(classifier, {k: torch.as_tensor(v)
-                                              for k, v in initial_head_state(study, manifest, fold).items()})
-            train_classifier(classifier, ClassifierData(tokens[tr], clinical[tr], labels[tr]), None,
-                             FinetuneConfig(lr=study.finetune_lr, epochs=study.finetune_rounds * study.finetune_local_epochs,
-                                            batch_size=study.batch_size, patience=None, seed=study.seed),
-                             progress=False)
-            predict_proba(classifier, ClassifierData(tokens[va], clinical[va], labels[va]))
-    finished = time.perf_counter()
-    return {"ssl": ssl_seconds, "finetune": finished - finetune_started, "study": finished - started}
-
-
-def study_profile(study: StudyConfig):
-    from psp_model.profiles import get_profile
-
-    return get_profile(study.profile)
 
 
 def scale(cohort: Path, work: Path, counts: list[int], timeout: float) -> list[dict]:

@@ -350,7 +350,7 @@ def predict_case(
     record = parse_clinical(case.case_id, case.clinical, require_label=False)
     _check_files(case)
     mr = _preprocess_mr(case, site, ensemble.profile)
-    dose, checks = _dose_features(case, site, record, ensemble.profile, deterministic)
+    dose, checks = _dose_features(case, site, ensemble.profile, deterministic)
     volume = torch.as_tensor(standardize_mr(mr["image"], mr["brain"], ensemble.landmarks))
     records, doses, effects = _feature_variants(record, dose, ensemble.manifest)
     probs, maps, n_encoded = _run_folds(ensemble, volume, encode(records, doses, ensemble.manifest), device)
@@ -453,25 +453,22 @@ def _preprocess_mr(case: Case, site: SiteConfig, profile: Profile) -> dict[str, 
                                       "finite values).") from None
 
 
-def _dose_features(case: Case, site: SiteConfig, record: ClinicalRecord, profile: Profile, deterministic: bool
+def _dose_features(case: Case, site: SiteConfig, profile: Profile, deterministic: bool
                    ) -> tuple[dict[str, float], dict[str, float]]:
     """Lesion dose features by the sites' own code path (planning CT, RTDOSE, registration, dose statistics)."""
-    from psp_model.preprocess.pipeline import PreprocessSettings, _dose_and_clinical
+    from psp_model.preprocess.pipeline import PreprocessSettings, case_dose_features
     from psp_model.preprocess.qc import CaseResult
 
     settings = PreprocessSettings(profile=profile.name, deterministic_registration=deterministic)
     result = CaseResult(case.case_id, "ok")
-    # The pipeline also copies the label into the site's features row; a new case has none, so a
-    # placeholder goes in and only the dose values are read back.
-    placeholder = replace(record, label=schema.LABELS["PsP"])
     try:
-        row = _dose_and_clinical(case, site, settings, placeholder, result)
+        features = case_dose_features(case, site, settings, result)
     except (InputError, OSError) as exc:
         raise CaseError(case.case_id, f"{result.stage or 'dose'}: {exc}. Fix: check the planning CT "
                                       f"({schema.CT_DIR}/) and {schema.RTDOSE_FILE} of this case.") from None
-    dose = {name: float(row[f"dose_{name}"]) for name in DOSE_FEATURES}
+    dose = {name: features[name] for name in DOSE_FEATURES}
     checks = {k: float(v) for k, v in result.checks.items() if isinstance(v, (int, float))}
-    checks["dose_coverage"] = float(row["dose_coverage"])
+    checks["dose_coverage"] = features["coverage"]
     return dose, checks
 
 

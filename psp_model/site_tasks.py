@@ -145,7 +145,7 @@ class LocalSite:
     site: SiteConfig
     study: StudyConfig
     progress: bool = False
-    installed: dict[str, _Installed] = field(default_factory=dict, repr=False, compare=False)
+    installed: dict[str, Installed] = field(default_factory=dict, repr=False, compare=False)
     """Installed study models loaded in this process, by encoder hash (with their classifier inputs)."""
 
     @cached_property
@@ -281,7 +281,9 @@ def install_study_model(local: LocalSite, encoder_arrays: dict[str, np.ndarray],
 
 
 @dataclass
-class _Installed:
+class Installed:
+    """A study model installed at a site: frozen encoder, landmarks, manifest, and its image inputs."""
+
     encoder: MRIEncoder
     landmarks: NyulLandmarks
     manifest: FeatureManifest
@@ -289,14 +291,14 @@ class _Installed:
     images_ready: bool = False
 
 
-def _load_installed(local: LocalSite, encoder_hash: str) -> _Installed:
+def load_installed(local: LocalSite, encoder_hash: str) -> Installed:
     """The installed encoder, landmarks and manifest (loaded once per process and verified)."""
     if encoder_hash not in local.installed:
         local.installed[encoder_hash] = _read_installed(local, encoder_hash)
     return local.installed[encoder_hash]
 
 
-def _read_installed(local: LocalSite, encoder_hash: str) -> _Installed:
+def _read_installed(local: LocalSite, encoder_hash: str) -> Installed:
     folder = local.install_dir(encoder_hash)
     if not (folder / "encoder.pt").is_file():
         raise FileNotFoundError(f"site {local.site.name} has no installed encoder {encoder_hash[:12]}...: the server "
@@ -307,10 +309,10 @@ def _read_installed(local: LocalSite, encoder_hash: str) -> _Installed:
         raise RuntimeError(f"installed encoder in {folder} does not match its fingerprint: delete the folder and rerun")
     with np.load(folder / "landmarks.npz") as npz:
         landmarks = NyulLandmarks.from_arrays({k: npz[k] for k in npz.files})
-    return _Installed(encoder, landmarks, FeatureManifest.from_json((folder / "manifest.json").read_text()))
+    return Installed(encoder, landmarks, FeatureManifest.from_json((folder / "manifest.json").read_text()))
 
 
-def _classifier_inputs(local: LocalSite, installed: _Installed, features: list[str] | None = None
+def classifier_inputs(local: LocalSite, installed: Installed, features: list[str] | None = None
                        ) -> tuple[torch.Tensor | None, np.ndarray, FeatureManifest]:
     """The image input, the encoded clinical matrix and the manifest that encoded it.
 
@@ -324,7 +326,7 @@ def _classifier_inputs(local: LocalSite, installed: _Installed, features: list[s
     return installed.images, encode(local.data.records, local.data.dose, manifest), manifest
 
 
-def _image_inputs(local: LocalSite, installed: _Installed) -> torch.Tensor | None:
+def _image_inputs(local: LocalSite, installed: Installed) -> torch.Tensor | None:
     data = local.data
     if local.study.head_variant == "clinical-only":
         return None
@@ -350,8 +352,8 @@ class _StandardizedVolumes(Sequence):
         return torch.as_tensor(self.data.standardized_case(index, self.landmarks))
 
 
-def _classifier(local: LocalSite, installed: _Installed, manifest: FeatureManifest, trainable: dict[str, np.ndarray],
-                *, what: str):
+def fold_classifier(local: LocalSite, installed: Installed, manifest: FeatureManifest,
+                    trainable: dict[str, np.ndarray], *, what: str) -> PSPClassifier:
     """The study's classifier holding the global ``trainable`` arrays (head, and encoder unless frozen)."""
     model = study_classifier(local.profile, local.study.head_variant, local.study.encoder_mode,
                              len(manifest.features), installed.encoder)
@@ -367,12 +369,12 @@ def finetune_update(local: LocalSite, head_arrays: dict[str, np.ndarray], *, fol
     ``head_arrays`` are the global trainable arrays: the head, plus the encoder unless it is frozen.
     ``features`` restricts the clinical/dose inputs (feature selection); None keeps all.
     """
-    installed = _load_installed(local, encoder_hash)
-    tokens, clinical, manifest = _classifier_inputs(local, installed, features)
+    installed = load_installed(local, encoder_hash)
+    tokens, clinical, manifest = classifier_inputs(local, installed, features)
     train_index, val_index = local.folds()[fold]
     local.require_count(len(train_index), "a fine-tuning update")
     labels = local.data.labels
-    model = _classifier(local, installed, manifest, head_arrays, what=f"the fold-{fold} model")
+    model = fold_classifier(local, installed, manifest, head_arrays, what=f"the fold-{fold} model")
 
     def subset(index: np.ndarray) -> ClassifierData:
         return ClassifierData(None if tokens is None else tokens[index], clinical[index], labels[index])
@@ -399,15 +401,16 @@ def evaluate_site(local: LocalSite, fold_heads: list[dict[str, np.ndarray]], *, 
     Test sites: the soft-voting ensemble of all folds and each fold's model on every case.
     Training sites: fold k's model on their own validation part of fold k (cross-validation).
     """
-    installed = _load_installed(local, encoder_hash)
-    tokens, clinical, manifest = _classifier_inputs(local, installed, features)
+    installed = load_installed(local, encoder_hash)
+    tokens, clinical, manifest = classifier_inputs(local, installed, features)
     labels = local.data.labels
     reply = Reply(configs={"site-name": local.site.name})
     if "test" in local.site.roles:
         local.require_count(len(labels), "evaluation aggregates")
         data = ClassifierData(tokens, clinical, labels)
-        per_fold = np.stack([predict_proba(_classifier(local, installed, manifest, h, what=f"the fold-{k} model"), data,
-                                           device=local.study.device) for k, h in enumerate(fold_heads)])
+        per_fold = np.stack([
+            predict_proba(fold_classifier(local, installed, manifest, h, what=f"the fold-{k} model"), data,
+                          device=local.study.device) for k, h in enumerate(fold_heads)])
         ensemble = per_fold.mean(axis=0)
         reply.arrays["hist.ensemble"] = score_histograms(ensemble, labels)
         reply.metrics["brier-sum.ensemble"] = float(np.sum((ensemble - labels) ** 2))
@@ -422,14 +425,15 @@ def evaluate_site(local: LocalSite, fold_heads: list[dict[str, np.ndarray]], *, 
                 continue
             data = ClassifierData(None if tokens is None else tokens[val_index], clinical[val_index],
                                   labels[val_index])
-            probs = predict_proba(_classifier(local, installed, manifest, head, what=f"the fold-{k} model"), data,
+            probs = predict_proba(fold_classifier(local, installed, manifest, head, what=f"the fold-{k} model"), data,
                                   device=local.study.device)
             reply.arrays[f"hist.fold-{k}"] = score_histograms(probs, labels[val_index])
             reply.metrics[f"brier-sum.fold-{k}"] = float(np.sum((probs - labels[val_index]) ** 2))
         reply.metrics["folds-withheld"] = float(withheld)
         if withheld == len(fold_heads):
             raise PrivacyRefusal(f"site {local.site.name} refuses to send validation aggregates: every fold has fewer "
-                                 f"than its privacy.min_aggregate_count = {local.site.privacy.min_aggregate_count} cases")
+                                 f"than its privacy.min_aggregate_count = {local.site.privacy.min_aggregate_count} "
+                                 "cases")
     reply.metrics.update({"num-examples": float(len(labels)), "n-tp": float(labels.sum()),
                           "n-psp": float(len(labels) - labels.sum())})
     return reply
@@ -441,8 +445,8 @@ def shap_update(local: LocalSite, fold_heads: list[dict[str, np.ndarray]], *, en
     Fold k's model explains the site's validation part of fold k against its training part (the
     background rows never leave); only the mean over cases and the case count are sent.
     """
-    installed = _load_installed(local, encoder_hash)
-    tokens, clinical, manifest = _classifier_inputs(local, installed)
+    installed = load_installed(local, encoder_hash)
+    tokens, clinical, manifest = classifier_inputs(local, installed)
     labels = local.data.labels
 
     def subset(index: np.ndarray) -> ClassifierData:
@@ -450,7 +454,7 @@ def shap_update(local: LocalSite, fold_heads: list[dict[str, np.ndarray]], *, en
 
     parts = []
     for k, ((train_index, val_index), head) in enumerate(zip(local.folds(), fold_heads)):
-        model = _classifier(local, installed, manifest, head, what=f"the fold-{k} model")
+        model = fold_classifier(local, installed, manifest, head, what=f"the fold-{k} model")
         parts.append(clinical_shap(model, subset(val_index), subset(train_index), manifest, device=local.study.device,
                                    seed=round_seed(local.study.seed, "shap", k, local.site.name),
                                    max_evals=SHAP_MAX_EVALS))

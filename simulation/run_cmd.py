@@ -16,6 +16,7 @@ from psp_model.signing import PRIVATE_KEY_FILE, PUBLIC_KEY_FILE, generate_signin
 from psp_model.sites import load_site_config
 from psp_model.study import StudyConfig
 from simulation.cohort import SITE_CONFIG_DIR, SUMMARY_FILE, generate_cohort, set_model_signing_key
+from simulation.central import central_reference
 from simulation.federation import simulate_study
 
 SIMULATION_PHASES = "stats,ssl,finetune,evaluate,shap"
@@ -71,6 +72,8 @@ def run(
                     resume=resume, signing_key=str(signing_key))
     typer.echo(f"federated study: {study.to_run_config()}")
     simulate_study(study)
+    typer.echo("central reference: the same model trained on the pooled training data (simulation only)")
+    central_reference(cohort_dir, run_dir, study)
     markdown, html = write_report(run_dir, truth_summary=cohort_dir / SUMMARY_FILE)
     typer.echo(f"\ndone in {time.perf_counter() - started:.0f} s")
     typer.echo(f"report:  {html}\n         {markdown}")

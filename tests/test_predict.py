@@ -79,7 +79,13 @@ def prediction(ensemble: Ensemble, case_dir: Path, tmp_path_factory: pytest.Temp
 
 def evaluate_path_probabilities(case_dir: Path, study: StudyConfig, run_dir: Path) -> tuple[np.ndarray, dict]:
     """Per-fold P(TP) of the case as a test site's evaluate phase computes it (deterministic registration)."""
-    from psp_model.site_tasks import LocalSite, _classifier, _classifier_inputs, _load_installed, install_study_model
+    from psp_model.site_tasks import (
+        LocalSite,
+        classifier_inputs,
+        fold_classifier,
+        install_study_model,
+        load_installed,
+    )
 
     site = SiteConfig(name="held_out", roles=("test",), layout="psp-case", root=case_dir.parent)
     preprocess_site(site, PreprocessSettings(profile=study.profile, deterministic_registration=True), progress=False)
@@ -89,10 +95,10 @@ def evaluate_path_probabilities(case_dir: Path, study: StudyConfig, run_dir: Pat
     landmarks = NyulLandmarks.from_arrays({k: np.asarray(v) for k, v in spec["nyul_landmarks"].items()})
     install_study_model(local, load_verified_npz(models / "encoder.npz"), landmarks,
                         FeatureManifest.from_json(spec["feature_manifest"]))
-    installed = _load_installed(local, spec["encoder_hash"])
-    tokens, clinical, manifest = _classifier_inputs(local, installed)
+    installed = load_installed(local, spec["encoder_hash"])
+    tokens, clinical, manifest = classifier_inputs(local, installed)
     data = ClassifierData(tokens, clinical, local.data.labels)
-    probs = [predict_proba(_classifier(local, installed, manifest, load_verified_npz(models / f"fold_{k}.npz"),
+    probs = [predict_proba(fold_classifier(local, installed, manifest, load_verified_npz(models / f"fold_{k}.npz"),
                                        what=f"fold {k}"), data)[0] for k in range(spec["folds"])]
     return np.asarray(probs), local.data.dose[0]
 

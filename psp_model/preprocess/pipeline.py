@@ -179,7 +179,7 @@ def _compute_case(case: Case, site: SiteConfig, settings: PreprocessSettings, np
                                                          lesion=labelled, enhancing_labels=site.enhancing_labels))
         landmarks = fit_nyul([mr["image"]], [mr["brain"]])
         if site.layout == "psp-case" and labelled:
-            result.features.update(_dose_and_clinical(case, site, settings, record, result))
+            result.features.update(_features_row(case, record, case_dose_features(case, site, settings, result)))
         stage = "write"
         arrays = {"image": mr["image"].astype(np.float32), "brain": mr["brain"].astype(bool),
                   "affine": np.asarray(mr["affine"], float)}
@@ -195,17 +195,22 @@ def _compute_case(case: Case, site: SiteConfig, settings: PreprocessSettings, np
     return result
 
 
-def _dose_and_clinical(case: Case, site: SiteConfig, settings: PreprocessSettings, record, result: CaseResult
-                       ) -> dict[str, float | str | None]:
+def case_dose_features(case: Case, site: SiteConfig, settings: PreprocessSettings, result: CaseResult
+                       ) -> dict[str, float]:
+    """Lesion dose features (Gy) and coverage of one case: planning CT + RTDOSE, registration, statistics.
+
+    The one code path for sites and ``psp-predict``; stage timings and registration checks go into
+    ``result``. Raises ``CaseError``/``InputError`` with the reason.
+    """
     import nibabel as nib
 
     from psp_model.preprocess.dicom import read_ct_series, read_frame_of_reference
     from psp_model.preprocess.dose import dose_features, rtdose_to_nifti
     from psp_model.preprocess.register import register_mr_to_ct
 
+    _check_same_frame(read_frame_of_reference(case.ct_dir), read_frame_of_reference(case.rtdose))
     ct = _timed(result, "ct", lambda: read_ct_series(case.ct_dir))
     dose = _timed(result, "dose", lambda: rtdose_to_nifti(case.rtdose))
-    _check_same_frame(read_frame_of_reference(case.ct_dir), read_frame_of_reference(case.rtdose))
     t1ce = nib.load(case.mr["t1ce"])
     registration = _timed(result, "registration", lambda: register_mr_to_ct(
         t1ce, ct, deterministic=settings.deterministic_registration))
@@ -219,6 +224,11 @@ def _dose_and_clinical(case: Case, site: SiteConfig, settings: PreprocessSetting
     if features.get("reason"):
         raise CaseError(case.case_id, features["reason"])
     result.checks["mr_to_ct"] = np.asarray(registration.mr_to_ct).round(6).tolist()
+    return {k: float(features[k]) for k in ("mean", "min", "median", "d98", "coverage")}
+
+
+def _features_row(case: Case, record, dose: dict[str, float]) -> dict[str, float | str | None]:
+    """One row of the site's ``features.csv`` (clinical values + lesion dose features)."""
     return {
         "case_id": case.case_id,
         "label": _LABEL_SPELLING[record.label],
@@ -227,7 +237,7 @@ def _dose_and_clinical(case: Case, site: SiteConfig, settings: PreprocessSetting
         "idh": record.idh,
         "mgmt": record.mgmt,
         "days_since_rt": record.days_since_rt,
-        **{f"dose_{k}": float(features[k]) for k in ("mean", "min", "median", "d98", "coverage")},
+        **{f"dose_{k}": value for k, value in dose.items()},
     }
 
 
