@@ -354,8 +354,23 @@ def _write_tables(run_dir: Path, tables: list[str], results: dict, bayes: float 
     ablation = json.loads(path.read_text()) if path.is_file() else {"tables": {}}
     for table in tables:
         ablation["tables"][table] = [_row(*results[key], bayes) for key in _TABLE_ROWS[table]]
+    if "modalities" in tables:
+        ablation.setdefault("histograms", {})["modalities"] = _modality_curves(run_dir)
     atomic_write_text(path, json.dumps(ablation, indent=2))
     return ablation
+
+
+def _modality_curves(run_dir: Path) -> dict[str, list]:
+    """The test sites' pooled ensemble histogram of each input modality (the report's ROC per modality)."""
+    variants = run_dir.parent / "ablation"
+    sources = {"MRI only": variants / "mri-only", "clinical only": variants / "clinical-only",
+               "multimodal (proposed)": run_dir}
+    curves = {}
+    for label, folder in sources.items():
+        path = folder / "histograms.json"
+        if path.is_file() and "ensemble" in (test := json.loads(path.read_text()).get("test", {})):
+            curves[label] = test["ensemble"]
+    return curves
 
 
 _TITLES = {

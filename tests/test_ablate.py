@@ -11,6 +11,7 @@ import math
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 import typer
 from typer.testing import CliRunner
@@ -61,7 +62,11 @@ def test_ablate_writes_three_tables_and_a_rerun_reuses_every_variant(main_run: t
     runner = CliRunner()
     first = runner.invoke(app, ["ablate", "--profile", "tiny", "--out", str(out)])
     assert first.exit_code == 0, first.output
-    tables = json.loads((out / "run" / "ablation.json").read_text())["tables"]
+    ablation = json.loads((out / "run" / "ablation.json").read_text())
+    tables = ablation["tables"]
+    curves = ablation["histograms"]["modalities"]
+    assert set(curves) == {"MRI only", "clinical only", "multimodal (proposed)"}
+    assert all(np.asarray(hist).shape == (2, 1000) and np.sum(hist) > 0 for hist in curves.values())
     expected = {
         "baselines": [*BASELINE_NAMES.values(), "Proposed, trained centrally", PROPOSED],
         "modalities": [v.method for v in VARIANTS if v.table == "modalities"] + [PROPOSED],
