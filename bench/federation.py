@@ -105,7 +105,8 @@ def main(argv: list[str] | None = None) -> None:
         generate_cohort(cohort, seed=0, profile="tiny", progress=False)
         for path in sorted((cohort / "site_configs").glob("*.yaml")):
             preprocess_site(load_site_config(path), PreprocessSettings(profile="tiny"), progress=False)
-        study = replace(STUDY_DEFAULTS["tiny"], cohort_dir=str(cohort), run_dir=str(Path(tmp) / "run"))
+        study = replace(STUDY_DEFAULTS["tiny"], phases="stats,ssl,finetune,evaluate", cohort_dir=str(cohort),
+                        run_dir=str(Path(tmp) / "run"))
         started = time.perf_counter()
         simulate_study(study)
         total = time.perf_counter() - started
