@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import pytest
 
+from psp_model.errors import MessageError
 from psp_model.privacy import epsilon_spent
 from psp_model.site_tasks import LocalSite
 from psp_model.sites import DPPolicy, load_site_config
@@ -53,7 +55,7 @@ def test_with_a_policy_the_update_is_clipped_and_noised_and_epsilon_grows_per_re
     assert other_study["dp-epsilon"] == pytest.approx(epsilon_spent(dp, 1))
 
 
-def test_a_fold_with_too_few_validation_cases_is_withheld_alone(tiny_cohort: Path) -> None:
+def test_a_fold_with_too_few_validation_cases_is_withheld_alone_and_misfit_arrays_are_refused(tiny_cohort: Path) -> None:
     from psp_model.nets.encoder import MRIEncoder
     from psp_model.preprocess.clinical import build_manifest, fit_clinical_stats
     from psp_model.profiles import get_profile
@@ -79,3 +81,12 @@ def test_a_fold_with_too_few_validation_cases_is_withheld_alone(tiny_cohort: Pat
     assert sent == [k for k, n in enumerate(sizes) if n >= 5] and reply.metrics["folds-withheld"] == 1.0
     with pytest.raises(PrivacyRefusal, match="every fold has fewer than"):
         evaluate_site(local_with(6), heads, encoder_hash=encoder_hash)
+
+    # A server message whose arrays do not fit this site's model is refused before anything loads.
+    name = sorted(heads[0])[0]
+    wrong_dtype = [{**head, name: head[name].astype(np.float64)} for head in heads]
+    with pytest.raises(MessageError, match=rf"fold-0 model.*{re.escape(name)}.*float64"):
+        evaluate_site(local, wrong_dtype, encoder_hash=encoder_hash)
+    wrong_shape = [{**head, name: np.zeros((3, 3, 3), dtype=np.float32)} for head in heads]
+    with pytest.raises(MessageError, match=re.escape(name)):
+        evaluate_site(local, wrong_shape, encoder_hash=encoder_hash)
