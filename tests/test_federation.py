@@ -142,3 +142,16 @@ def test_shap_ranks_every_feature_and_selection_picks_a_best_m(finished_run: Pat
     assert selection["m"] == list(range(1, len(shap["features"]) + 1))
     assert 1 <= selection["best_m"] <= len(shap["features"])
     assert selection["val_auc"][selection["best_m"] - 1] == max(selection["val_auc"])
+
+
+def test_fedprox_runs_every_round_of_a_study_to_evaluation(finished_run: Path, study: StudyConfig,
+                                                             tmp_path: Path) -> None:
+    run_dir = tmp_path / "fedprox"
+    shutil.copytree(finished_run / "models", run_dir / "models")
+    simulate_study(replace(study, run_dir=str(run_dir), phases="stats,finetune,evaluate", strategy="fedprox",
+                           proximal_mu=0.5, folds=2, finetune_rounds=2, finetune_local_epochs=1))
+    rounds = [r for r in json.loads((run_dir / "rounds.json").read_text()) if r["phase"] == "finetune"]
+    assert [(r["fold"], r["round"]) for r in rounds] == [(0, 1), (0, 2), (1, 1), (1, 2)]
+    assert all(r["replies"] == r["nodes"] for r in rounds)
+    assert json.loads((run_dir / "config.json").read_text())["strategy"] == "fedprox"
+    assert json.loads((run_dir / "metrics.json").read_text())["test"]["ensemble_pooled"]["defined"] == 1.0
