@@ -46,13 +46,9 @@ PAD_MM = 25.0
 """Margin around the template's brain: room for the skull, the scalp and most of the MR's rigid offset."""
 
 # Relative MR intensities (white matter ~ 0.87 in the template T1).
-# T1 and T1CE use the template T1's mean tissue intensities (GM 0.65, WM 0.86, CSF 0.31) on the same
-# tissue maps as the CT, not the template T1 itself: at zero offset, MR-to-CT registration put the
-# template T1 ~0.15 mm (along z) off the CT built from the tissue maps, so the images disagreed with
-# truth.csv's mr_to_ct by more than its dose features tolerate (~5 Gy/mm at the lesion edge).
 _NORMAL = {  # modality -> weights of (t1 template, gm, wm, csf)
-    "t1": (0.0, 0.65, 0.86, 0.31),
-    "t1ce": (0.0, 0.65, 0.86, 0.31),
+    "t1": (1.0, 0.0, 0.0, 0.0),
+    "t1ce": (1.0, 0.0, 0.0, 0.0),
     "flair": (0.0, 0.75, 0.55, 0.12),
     "t2": (0.0, 0.55, 0.4, 1.0),
 }
