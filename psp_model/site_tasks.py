@@ -50,6 +50,7 @@ from psp_model.train.finetune import (
     predict_proba,
     train_classifier,
 )
+from psp_model.train.checkpoint import load_checkpoint, save_checkpoint
 from psp_model.train.ssl import SSLConfig, train_ssl
 from psp_model.train.token_cache import encode_cached
 from psp_model.wire import check_incoming_arrays, expected_from_state
@@ -193,6 +194,11 @@ class LocalSite:
 
     def install_dir(self, encoder_hash: str) -> Path:
         return Path(self.site.work_dir) / "models" / encoder_hash
+
+    def optimizer_dir(self, encoder_hash: str, fold: int, features: list[str] | None) -> Path:
+        """Where the site keeps its fine-tuning optimiser state for one fold of this study (never sent)."""
+        key = json.dumps([self.study.run_dir, self.study.seed, encoder_hash, fold, features])
+        return Path(self.site.work_dir) / "optimizer" / hashlib.sha256(key.encode()).hexdigest()[:16]
 
     def folds(self) -> list[tuple[np.ndarray, np.ndarray]]:
         """This site's own stratified folds (train index, validation index), seeded by the study."""
@@ -383,8 +389,11 @@ def finetune_update(local: LocalSite, head_arrays: dict[str, np.ndarray], *, fol
                             batch_size=local.study.batch_size, patience=None, device=local.study.device,
                             precision=local.study.precision,
                             seed=round_seed(local.study.seed, "finetune", fold, round_, local.site.name))
+    state_dir = local.optimizer_dir(encoder_hash, fold, features) if local.study.keep_site_optimizer else None
     result = train_classifier(model, subset(train_index), None, config, progress=local.progress,
-                              proximal_mu=proximal_mu)
+                              proximal_mu=proximal_mu, optimizer_state=_previous_optimizer_state(state_dir, round_))
+    if state_dir is not None:
+        _keep_optimizer_state(state_dir, round_, result.optimizer_state)
     val = subset(val_index)
     probs = np.clip(predict_proba(model, val, device=local.study.device), 1e-7, 1 - 1e-7)
     val_loss = float(-np.mean(labels[val_index] * np.log(probs) + (1 - labels[val_index]) * np.log(1 - probs)))
@@ -392,6 +401,24 @@ def finetune_update(local: LocalSite, head_arrays: dict[str, np.ndarray], *, fol
                "val-loss": val_loss, "val-n": float(len(val_index))}
     trained = {k: v.detach().cpu().numpy() for k, v in result.state.items()}
     return Reply(arrays=local.release_update(trained, head_arrays, metrics), metrics=metrics)
+
+
+def _saved_rounds(folder: Path) -> dict[int, Path]:
+    return {int(path.stem.removeprefix("round-")): path for path in folder.glob("round-*.pt")}
+
+
+def _previous_optimizer_state(folder: Path | None, round_: int) -> dict | None:
+    """The state saved after the site's latest earlier round: a repeated (resumed) round reads the same one."""
+    earlier = {r: path for r, path in _saved_rounds(folder).items() if r < round_} if folder is not None else {}
+    return load_checkpoint(earlier[max(earlier)])["optimizer"] if earlier else None
+
+
+def _keep_optimizer_state(folder: Path, round_: int, state: dict | None) -> None:
+    """Save this round's state; keep only it and the one before (which a resumed repeat of this round needs)."""
+    save_checkpoint({"optimizer": state}, folder / f"round-{round_}.pt")
+    for r, path in _saved_rounds(folder).items():
+        if r not in (round_, round_ - 1):
+            path.unlink(missing_ok=True)
 
 
 def evaluate_site(local: LocalSite, fold_heads: list[dict[str, np.ndarray]], *, encoder_hash: str,

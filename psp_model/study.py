@@ -47,6 +47,9 @@ class StudyConfig:
         encoder_mode: ``ssl`` (frozen SSL encoder: the proposed method), ``transfer`` or ``scratch``.
         head_variant: ``multimodal``, ``clinical-only`` or ``mri-only``.
         ssl_lr / finetune_lr / batch_size / ssl_temperature: local optimisation settings.
+        keep_site_optimizer: each training site keeps its own AdamW moments from one fine-tuning
+            round to the next (stored in its work_dir, never sent); off restarts the optimiser every
+            round, as textbook FedAvg does.
         device: ``auto`` (CUDA if present), ``cpu`` or ``cuda[:n]``; precision ``auto`` = bf16 on CUDA.
     """
 
@@ -71,6 +74,7 @@ class StudyConfig:
     head_variant: str = "multimodal"
     ssl_lr: float = 1e-4
     finetune_lr: float = 1e-4
+    keep_site_optimizer: bool = True
     batch_size: int = 4
     ssl_temperature: float = 0.05
     device: str = "auto"

@@ -172,7 +172,7 @@ def central_heads(sites: Sequence[LocalSite], study: StudyConfig, encoder: dict[
     """The study's classifier (``head-variant``, ``encoder-mode``) trained on pooled folds; histograms per site.
 
     Each fold starts from the federated run's initial arrays and trains ``finetune_rounds x
-    finetune_local_epochs`` epochs in one go (the federation restarts the optimiser every round).
+    finetune_local_epochs`` epochs in one go, with one optimiser (as each site keeps its own across rounds).
     """
     labelled = [s for s in sites if {"train", "test"} & set(s.site.roles)]
     installed = {s.site.name: load_installed(s, encoder_hash) for s in labelled}

@@ -220,3 +220,16 @@ def test_fedprox_term_keeps_local_weights_near_the_global_model():
     assert _distance_moved(100.0) < 0.5 * _distance_moved(0.0)
     with pytest.raises(ValueError, match="proximal_mu must be >= 0"):
         _distance_moved(-1.0)
+
+
+def test_optimizer_state_carries_adamw_moments_into_the_next_call():
+    data = _tokens_problem(24, seed=3)
+    config = FinetuneConfig(epochs=2, batch_size=8, patience=None, seed=1, **CPU)
+    first = train_classifier(_frozen_token_model("multimodal"), data, None, config, progress=False)
+    steps = lambda result: {int(s["step"]) for s in result.optimizer_state["state"].values()}  # noqa: E731
+    assert steps(first) == {2 * 3}
+    cold = train_classifier(_frozen_token_model("multimodal"), data, None, config, progress=False)
+    warm = train_classifier(_frozen_token_model("multimodal"), data, None, config, progress=False,
+                            optimizer_state=first.optimizer_state)
+    assert steps(warm) == {4 * 3}
+    assert any(not torch.equal(warm.state[k], cold.state[k]) for k in cold.state)

@@ -90,3 +90,39 @@ def test_a_fold_with_too_few_validation_cases_is_withheld_alone_and_misfit_array
     wrong_shape = [{**head, name: np.zeros((3, 3, 3), dtype=np.float32)} for head in heads]
     with pytest.raises(MessageError, match=re.escape(name)):
         evaluate_site(local, wrong_shape, encoder_hash=encoder_hash)
+
+
+def test_a_site_keeps_its_optimizer_state_at_home_between_rounds(tiny_cohort: Path, tmp_path: Path) -> None:
+    from psp_model.nets.encoder import MRIEncoder
+    from psp_model.preprocess.clinical import build_manifest, fit_clinical_stats
+    from psp_model.profiles import get_profile
+    from psp_model.site_tasks import finetune_update, initial_finetune_state, install_study_model
+
+    site = replace(load_site_config(tiny_cohort / "site_configs" / "burdenko.yaml"), work_dir=tmp_path / "work")
+    keep = LocalSite(site, StudyConfig(profile="tiny", run_dir="/runs/a", finetune_local_epochs=2, device="cpu"))
+    keep.prepare()
+    manifest = build_manifest(fit_clinical_stats(keep.data.records, keep.data.dose))
+    encoder = {f"encoder.{k}": v.numpy() for k, v in MRIEncoder(get_profile("tiny").encoder).state_dict().items()}
+    encoder_hash = install_study_model(keep, encoder, keep.data.local_landmarks(), manifest).configs["encoder-hash"]
+    initial = initial_finetune_state(keep.study, manifest, 0, encoder)
+
+    def rounds(local: LocalSite, last: int) -> list[dict[str, np.ndarray]]:
+        arrays, sent = initial, []
+        for round_ in range(1, last + 1):
+            reply = finetune_update(local, arrays, fold=0, round_=round_, encoder_hash=encoder_hash)
+            assert sorted(reply.arrays) == sorted(initial), "only the head's arrays leave the site"
+            arrays = reply.arrays
+            sent.append(arrays)
+        return sent
+
+    kept = rounds(keep, 3)
+    folder = keep.optimizer_dir(encoder_hash, 0, None)
+    assert sorted(p.name for p in folder.glob("round-*.pt")) == ["round-2.pt", "round-3.pt"]
+    repeated = finetune_update(keep, kept[1], fold=0, round_=3, encoder_hash=encoder_hash).arrays
+    assert all(np.array_equal(repeated[k], kept[2][k]) for k in kept[2]), "a resumed round repeats exactly"
+
+    restart = LocalSite(site, replace(keep.study, run_dir="/runs/b", keep_site_optimizer=False))
+    restarted = rounds(restart, 2)
+    assert not restart.optimizer_dir(encoder_hash, 0, None).exists()
+    assert all(np.array_equal(restarted[0][k], kept[0][k]) for k in kept[0]), "round 1 starts cold either way"
+    assert any(not np.array_equal(restarted[1][k], kept[1][k]) for k in kept[1])

@@ -126,6 +126,8 @@ class TrainResult:
     num_examples: int
     history: list[dict[str, float]] = field(default_factory=list)
     best_epoch: int = -1
+    optimizer_state: dict | None = field(default=None, repr=False)
+    """AdamW's state after the last epoch: a federated site passes it back in its next round."""
 
 
 def _auc(labels: np.ndarray, probs: np.ndarray) -> float | None:
@@ -236,6 +238,7 @@ def train_classifier(
     resume: bool = False,
     progress: bool = True,
     proximal_mu: float = 0.0,
+    optimizer_state: dict | None = None,
 ) -> TrainResult:
     """Train the trainable part of ``model`` in place and return its state and metrics.
 
@@ -251,6 +254,9 @@ def train_classifier(
 
     ``proximal_mu`` > 0: FedProx's proximal term towards the weights the model starts from (the
     global model of the round).
+
+    ``optimizer_state``: AdamW's moments from this site's previous round (``TrainResult.optimizer_state``),
+    so that R rounds of E epochs are one optimisation rather than R cold restarts.
     """
     if proximal_mu < 0:
         raise ValueError(f"proximal_mu must be >= 0; got {proximal_mu}")
@@ -264,6 +270,8 @@ def train_classifier(
     if not params:
         raise ValueError("model has no trainable parameters; check the encoder mode and the head")
     optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+    if optimizer_state is not None:
+        optimizer.load_state_dict(optimizer_state)
     proximal = (proximal_mu, [p.detach().clone() for p in params]) if proximal_mu > 0 else None
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
     pos_weight, weighted = _pos_weight(train_data.labels) if config.class_weighting else (1.0, False)
@@ -330,4 +338,4 @@ def train_classifier(
         if best_row["val_auc_defined"]:
             metrics["val_auc"] = best_row["val_auc"]
     return TrainResult(state=trainable_state(model), metrics=metrics, num_examples=n,
-                       history=history, best_epoch=best_epoch)
+                       history=history, best_epoch=best_epoch, optimizer_state=optimizer.state_dict())
