@@ -70,7 +70,7 @@ def build_client_app(study: StudyConfig | None = None) -> ClientApp:
     def train(msg: Message, context: Context) -> Message:
         """``ssl``: an encoder + decoder update; ``finetune``: a head update for one fold."""
         local, config = local_site(context, study), msg.content[CONFIG]
-        round_ = int(config["round-offset"]) + int(config["server-round"])
+        round_ = int(config["server-round"])
         verify_signature(local, msg.content, f"the global model of {config[PHASE_KEY]} round {round_}")
         arrays = to_arrays(msg.content[ARRAYS])
         if config[PHASE_KEY] == "ssl":

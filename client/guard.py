@@ -100,4 +100,4 @@ def _describe(reply: Message) -> dict:
 
 def _round(msg: Message) -> int:
     config = msg.content["config"] if "config" in msg.content else {}
-    return int(config.get("round-offset", 0)) + int(config.get("server-round", 0))
+    return int(config.get("server-round", 0))

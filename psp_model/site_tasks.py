@@ -7,6 +7,7 @@ what the allow-list in :mod:`psp_model.wire` permits: model arrays, aggregates o
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 from collections.abc import Sequence
@@ -72,6 +73,11 @@ class Reply:
     arrays: dict[str, np.ndarray] = field(default_factory=dict)
     metrics: dict[str, float] = field(default_factory=dict)
     configs: dict[str, str | list[str]] = field(default_factory=dict)
+
+
+_NOT_TRAINING_KEYS = frozenset({"run-dir", "cohort-dir", "signing-key", "resume", "phases", "round-timeout",
+                                "min-sites", "min-replies"})
+"""Study settings that do not change what a site computes in a fine-tuning round."""
 
 
 def round_seed(seed: int, *parts: object) -> int:
@@ -185,10 +191,14 @@ class LocalSite:
             return trained
         released, _ = privatize_update(trained, received, dp)
         ledger_path = Path(self.site.work_dir) / "privacy" / "dp_ledger.json"
-        ledger = json.loads(ledger_path.read_text()) if ledger_path.is_file() else {}
-        study_key = f"{self.study.run_dir}#seed={self.study.seed}"
-        ledger[study_key] = ledger.get(study_key, 0) + 1
-        atomic_write_text(ledger_path, json.dumps(ledger, indent=2))
+        ledger_path.parent.mkdir(parents=True, exist_ok=True)
+        # Locked: a site may train several folds at once (one process each), and no release may go uncounted.
+        with open(ledger_path.with_suffix(".lock"), "a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            ledger = json.loads(ledger_path.read_text()) if ledger_path.is_file() else {}
+            study_key = f"{self.study.run_dir}#seed={self.study.seed}"
+            ledger[study_key] = ledger.get(study_key, 0) + 1
+            atomic_write_text(ledger_path, json.dumps(ledger, indent=2))
         metrics["dp-epsilon"] = epsilon_spent(dp, ledger[study_key])
         return released
 
@@ -196,8 +206,13 @@ class LocalSite:
         return Path(self.site.work_dir) / "models" / encoder_hash
 
     def optimizer_dir(self, encoder_hash: str, fold: int, features: list[str] | None) -> Path:
-        """Where the site keeps its fine-tuning optimiser state for one fold of this study (never sent)."""
-        key = json.dumps([self.study.run_dir, self.study.seed, encoder_hash, fold, features])
+        """Where the site keeps its fine-tuning optimiser state for one fold of this study (never sent).
+
+        Keyed by what decides the training (not the run directory), so a study resumed from a moved
+        run directory finds its state; two studies with equal keys compute the same states anyway.
+        """
+        settings = {k: v for k, v in self.study.to_run_config().items() if k not in _NOT_TRAINING_KEYS}
+        key = json.dumps([settings, encoder_hash, fold, features], sort_keys=True)
         return Path(self.site.work_dir) / "optimizer" / hashlib.sha256(key.encode()).hexdigest()[:16]
 
     def folds(self) -> list[tuple[np.ndarray, np.ndarray]]:

@@ -1,4 +1,4 @@
-"""The study as phases over a Flower Grid: stats -> ssl -> install -> finetune (per fold) -> evaluate.
+"""The study as phases over a Flower Grid: stats -> ssl -> install -> finetune (all folds at once) -> evaluate.
 
 Each round's global arrays are checkpointed in the run directory; with ``resume=true`` a phase
 continues from its last checkpoint (and a finished phase is not repeated).
@@ -130,8 +130,8 @@ def run_study(grid: Grid, study: StudyConfig, run: RunDir) -> dict:
             raise StudyError("no training site sent statistics, so there is no feature manifest to fine-tune "
                              "or evaluate with: check that a site with role 'train' is connected and has usable cases")
         encoder_hash = timed("install", lambda: install_model(fed, encoder, landmarks, manifest))
-        heads = [timed("finetune", lambda fold=fold: phase_finetune(fed, fold, manifest, encoder, encoder_hash))
-                 if "finetune" in phases else _released(run, f"fold_{fold}") for fold in range(study.folds)]
+        heads = (timed("finetune", lambda: phase_finetune(fed, manifest, encoder, encoder_hash)) if "finetune" in phases
+                 else [_released(run, f"fold_{fold}") for fold in range(study.folds)])
         run.release_json("ensemble.json", {
             "profile": study.profile, "head_variant": study.head_variant, "encoder_mode": study.encoder_mode,
             "folds": study.folds,
@@ -196,8 +196,8 @@ def phase_ssl(fed: Federation, landmarks: NyulLandmarks) -> dict[str, np.ndarray
     sites = fed.with_role("ssl")
     if not sites:
         raise StudyError("phase 'ssl' needs at least one site with role 'ssl'; add one or drop 'ssl' from phases")
-    arrays = _federated_rounds(fed, "ssl", None, sites, initial_ssl_state(fed.study), fed.study.ssl_rounds,
-                               {"nyul": from_arrays(landmarks_to_arrays(landmarks))}, {})
+    [arrays] = _federated_rounds(fed, "ssl", sites, [Series("ssl", None, initial_ssl_state(fed.study), {})],
+                                 fed.study.ssl_rounds, {"nyul": from_arrays(landmarks_to_arrays(landmarks))})
     encoder = {k: v for k, v in arrays.items() if k.startswith("encoder.")}
     fed.run.save_model("encoder", encoder)
     return encoder
@@ -226,15 +226,15 @@ def install_model(fed: Federation, encoder: dict[str, np.ndarray], landmarks: Ny
     return fingerprint
 
 
-def phase_finetune(fed: Federation, fold: int, manifest: FeatureManifest, encoder: dict[str, np.ndarray],
-                   encoder_hash: str) -> dict[str, np.ndarray]:
-    """FedAvg rounds for fold ``fold``: only ``head.*`` arrays travel (and ``encoder.*`` unless it is frozen)."""
-    sites = fed.with_role("train")
-    initial = initial_finetune_state(fed.study, manifest, fold, encoder)
-    head = _federated_rounds(fed, "finetune", fold, sites, initial, fed.study.finetune_rounds, {},
-                             {"fold": fold, "encoder-hash": encoder_hash})
-    fed.run.save_model(f"fold_{fold}", head)
-    return head
+def phase_finetune(fed: Federation, manifest: FeatureManifest, encoder: dict[str, np.ndarray],
+                   encoder_hash: str) -> list[dict[str, np.ndarray]]:
+    """FedAvg rounds for every fold at once: only ``head.*`` arrays travel (and ``encoder.*`` unless it is frozen)."""
+    series = [Series("finetune", fold, initial_finetune_state(fed.study, manifest, fold, encoder),
+                     {"fold": fold, "encoder-hash": encoder_hash}) for fold in range(fed.study.folds)]
+    heads = _federated_rounds(fed, "finetune", fed.with_role("train"), series, fed.study.finetune_rounds, {})
+    for fold, head in enumerate(heads):
+        fed.run.save_model(f"fold_{fold}", head)
+    return heads
 
 
 def phase_evaluate(fed: Federation, heads: list[dict[str, np.ndarray]], encoder_hash: str) -> dict:
@@ -317,11 +317,10 @@ def phase_select(fed: Federation, ranking: list[tuple[str, float]], manifest: Fe
     for m in range(1, len(names) + 1):
         keep = names[:m]
         subset = subset_manifest(manifest, keep)
-        heads = [_federated_rounds(fed, "finetune", fold, sites,
-                                   initial_finetune_state(fed.study, subset, fold, encoder), fed.study.finetune_rounds,
-                                   {}, {"fold": fold, "encoder-hash": encoder_hash, "features": keep},
-                                   checkpoint_name=f"select_m{m:02d}")
-                 for fold in range(fed.study.folds)]
+        series = [Series(f"select_m{m:02d}", fold, initial_finetune_state(fed.study, subset, fold, encoder),
+                         {"fold": fold, "encoder-hash": encoder_hash, "features": keep})
+                  for fold in range(fed.study.folds)]
+        heads = _federated_rounds(fed, "finetune", sites, series, fed.study.finetune_rounds, {})
         evaluations = _collect_evaluations(fed, sites, heads, encoder_hash, features=keep)
         pooled = pool_evaluations(evaluations, [], [s.name for s in sites], fed.study.folds)
         validation = metrics_from_pooled(pooled, fed.study.folds)["validation"]
@@ -412,24 +411,73 @@ def _fold_summary(per_fold: list[dict[str, float]]) -> dict:
     return summary
 
 
-def _federated_rounds(fed: Federation, phase: str, fold: int | None, sites: list[Site],
-                      initial: dict[str, np.ndarray], total_rounds: int, extra_records: dict, config: dict,
-                      *, checkpoint_name: str | None = None) -> dict[str, np.ndarray]:
-    """Run the remaining rounds of one phase (resuming from its last checkpoint), checkpointing each.
+@dataclass
+class Series:
+    """One model trained over federated rounds: the SSL encoder, a fold's head, a selection candidate's head.
 
-    ``checkpoint_name`` (default: the phase) names the checkpoints and log entries, so one phase can
-    train several model series (feature selection: ``finetune`` rounds saved as ``select_mMM``).
+    ``name`` names its checkpoints and log entries (``ssl``, ``finetune``, ``select_mMM``); ``config`` rides
+    along in its messages.
     """
-    name = checkpoint_name or phase
+
+    name: str
+    fold: int | None
+    arrays: dict[str, np.ndarray]
+    config: dict
+    done: int = 0
+
+
+def _federated_rounds(fed: Federation, phase: str, sites: list[Site], series: list[Series], total_rounds: int,
+                      extra_records: dict) -> list[dict[str, np.ndarray]]:
+    """Run the remaining rounds of independent model series together, checkpointing each after every round.
+
+    Round r of every series goes out in one ``send_and_receive``, so five folds cost R round trips
+    instead of 5 x R. Each series has its own strategy (FedAvg or FedProx); with ``resume=true`` each
+    continues from its own last checkpoint. Returns the final arrays in the order of ``series``.
+    """
     if not sites:
         raise StudyError(f"phase '{phase}' has no eligible site")
-    done, arrays = 0, initial
-    if fed.study.resume and (last := fed.run.last_round(name, fold=fold)) is not None:
-        done, arrays = last
-        log(INFO, "%s%s: resuming after round %d of %d", name, "" if fold is None else f" fold {fold}",
-            done, total_rounds)
-    if done >= total_rounds:
-        return arrays
+    for one in series:
+        if fed.study.resume and (last := fed.run.last_round(one.name, fold=one.fold)) is not None:
+            one.done, one.arrays = last
+            log(INFO, "%s: resuming after round %d of %d", _label(one), one.done, total_rounds)
+    pending = [one for one in series if one.done < total_rounds]
+    strategies = {id(one): _strategy(fed, sites, extra_records) for one in pending}
+    first_round = min((one.done for one in pending), default=total_rounds) + 1
+    started = time.perf_counter()
+    try:
+        for round_ in range(first_round, total_rounds + 1):
+            active = [one for one in pending if one.done < round_]
+            sent = {id(one): list(strategies[id(one)].configure_train(
+                round_, from_arrays(one.arrays), ConfigRecord({PHASE_KEY: phase, **one.config}), fed.grid))
+                for one in active}
+            replies = list(fed.grid.send_and_receive([m for batch in sent.values() for m in batch],
+                                                     timeout=fed.study.round_timeout))
+            owner = {m.metadata.message_id: key for key, batch in sent.items() for m in batch}  # ids set on push
+            for one in active:
+                mine = [r for r in replies if owner.get(r.metadata.reply_to_message_id) == id(one)]
+                arrays, _ = strategies[id(one)].aggregate_train(round_, mine)
+                if arrays is None:
+                    raise StudyError(f"{_label(one)} round {round_}: the sites' replies could not be aggregated "
+                                     "(see the warnings above); fix the sites, then rerun with resume=true")
+                one.arrays, one.done = to_arrays(arrays), round_
+                fed.run.save_round(one.name, round_, one.arrays, fold=one.fold)
+    except TooFewRepliesError as exc:
+        raise StudyError(str(exc)) from None
+    finally:
+        for one in pending:
+            fed.rounds.extend({"phase": one.name, "fold": one.fold, **entry}
+                              for entry in strategies[id(one)].round_log)
+    if pending:
+        log(INFO, "%s: rounds %d-%d of %s in %.1f s", phase, first_round, total_rounds,
+            ", ".join(_label(one) for one in pending), time.perf_counter() - started)
+    return [one.arrays for one in series]
+
+
+def _label(one: Series) -> str:
+    return one.name if one.fold is None else f"{one.name} fold {one.fold}"
+
+
+def _strategy(fed: Federation, sites: list[Site], extra_records: dict) -> SiteFedAvg | SiteFedProx:
     node_ids = [s.node_id for s in sites]
     min_replies = min(fed.study.min_replies, len(sites))
     if fed.study.strategy == "fedprox":
@@ -439,24 +487,7 @@ def _federated_rounds(fed: Federation, phase: str, fold: int | None, sites: list
         strategy = SiteFedAvg(node_ids, min_replies=min_replies, extra_records=extra_records)
     strategy.site_names = {s.node_id: s.name for s in sites}
     strategy.sign = fed.sign if fed.run.signing_key is not None else None
-
-    def checkpoint(server_round: int, record: ArrayRecord) -> None:
-        if server_round > 0:
-            fed.run.save_round(name, done + server_round, to_arrays(record), fold=fold)
-
-    started = time.perf_counter()
-    try:
-        result = strategy.start(
-            fed.grid, from_arrays(arrays), num_rounds=total_rounds - done, timeout=fed.study.round_timeout,
-            train_config=ConfigRecord({PHASE_KEY: phase, "round-offset": done, **config}), evaluate_fn=checkpoint)
-    except TooFewRepliesError as exc:
-        raise StudyError(str(exc)) from None
-    finally:
-        for entry in strategy.round_log:
-            fed.rounds.append({"phase": name, "fold": fold, **entry, "round": done + entry["round"]})
-    log(INFO, "%s%s: %d rounds in %.1f s", name, "" if fold is None else f" fold {fold}",
-        total_rounds - done, time.perf_counter() - started)
-    return to_arrays(result.arrays)
+    return strategy
 
 
 def provenance(fed: Federation, encoder_hash: str | None) -> dict:

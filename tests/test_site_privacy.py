@@ -55,6 +55,29 @@ def test_with_a_policy_the_update_is_clipped_and_noised_and_epsilon_grows_per_re
     assert other_study["dp-epsilon"] == pytest.approx(epsilon_spent(dp, 1))
 
 
+def _release_many(local: LocalSite, n: int) -> None:
+    trained, received = _update()
+    for _ in range(n):
+        local.release_update(trained, received, {})
+
+
+def test_releases_from_concurrent_processes_are_all_counted(site) -> None:
+    """A site trains several folds at once (one process per message): the ledger must not lose a release."""
+    import multiprocessing
+
+    dp = DPPolicy(clip_norm=1.0, noise_multiplier=0.5, delta=1e-5)
+    local = LocalSite(replace(site, privacy=replace(site.privacy, dp=dp)), StudyConfig(run_dir="/runs/c"))
+    context = multiprocessing.get_context("fork")
+    workers = [context.Process(target=_release_many, args=(local, 15)) for _ in range(3)]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join(timeout=300)
+    assert [w.exitcode for w in workers] == [0, 0, 0]
+    ledger = json.loads((Path(site.work_dir) / "privacy" / "dp_ledger.json").read_text())
+    assert ledger == {"/runs/c#seed=0": 45}
+
+
 def test_a_fold_with_too_few_validation_cases_is_withheld_alone_and_misfit_arrays_are_refused(tiny_cohort: Path) -> None:
     from psp_model.nets.encoder import MRIEncoder
     from psp_model.preprocess.clinical import build_manifest, fit_clinical_stats
@@ -121,7 +144,9 @@ def test_a_site_keeps_its_optimizer_state_at_home_between_rounds(tiny_cohort: Pa
     repeated = finetune_update(keep, kept[1], fold=0, round_=3, encoder_hash=encoder_hash).arrays
     assert all(np.array_equal(repeated[k], kept[2][k]) for k in kept[2]), "a resumed round repeats exactly"
 
-    restart = LocalSite(site, replace(keep.study, run_dir="/runs/b", keep_site_optimizer=False))
+    moved = LocalSite(site, replace(keep.study, run_dir="/runs/moved", resume=True))
+    assert moved.optimizer_dir(encoder_hash, 0, None) == folder, "a resumed study finds its state in a moved run dir"
+    restart = LocalSite(site, replace(keep.study, keep_site_optimizer=False))
     restarted = rounds(restart, 2)
     assert not restart.optimizer_dir(encoder_hash, 0, None).exists()
     assert all(np.array_equal(restarted[0][k], kept[0][k]) for k in kept[0]), "round 1 starts cold either way"
