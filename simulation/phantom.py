@@ -40,7 +40,7 @@ __all__ = [
     "plan_dose",
 ]
 
-CACHE_VERSION = 3
+CACHE_VERSION = 4
 """Bump when the cached arrays change meaning."""
 PAD_MM = 25.0
 """Margin around the template's brain: room for the skull, the scalp and most of the MR's rigid offset."""
@@ -154,13 +154,13 @@ def _build_cache(voxel_mm: float, folder: Path) -> None:
     out["gm"] = np.clip(out["gm"], 0.0, 1.0) * brain
     out["wm"] = np.clip(out["wm"], 0.0, 1.0) * brain
     out["csf"] = np.clip(brain - out["gm"] - out["wm"], 0.0, 1.0)
+    hu_phantom = _head_hu(out, voxel_mm)
     out["t1"] = out["t1"] * brain
     out["depth"] = ndimage.distance_transform_edt(brain > 0.5, sampling=voxel_mm).astype(np.float32)
 
     spacing = np.array([voxel_mm, voxel_mm, 1.5 * voxel_mm])
     ct_ras, ct_shape = _box_grid(lower, upper, spacing)
     ct_affine = lps_ordered(ct_ras, ct_shape)
-    hu_phantom = _head_hu(out, voxel_mm)
     out["hu"] = ndimage.affine_transform(hu_phantom, np.linalg.inv(affine) @ ct_affine, output_shape=ct_shape,
                                          order=1, mode="nearest").astype(np.float32)
 
@@ -176,10 +176,14 @@ def _build_cache(voxel_mm: float, folder: Path) -> None:
 
 
 def _head_hu(maps: dict[str, np.ndarray], voxel_mm: float) -> np.ndarray:
-    """Noise-free CT (HU) on the phantom grid: brain, CSF, a skull shell with diploe, scalp, air."""
+    """Noise-free CT (HU) on the phantom grid: brain, CSF, a skull shell with diploe, scalp, air.
+
+    Brain HU is a function of the template T1 itself (``maps["t1"]``, not yet brain-masked), not
+    of the GM/WM/CSF maps: the MR is that T1, and the maps sit ~0.15 mm (z) off it, which biased
+    MR-to-CT registration by as much (bench/README.md, ``preprocess.py --pipeline``).
+    """
     brain = maps["brain"]
-    tissue = maps["gm"] + maps["wm"] + maps["csf"]
-    brain_hu = (38.0 * maps["gm"] + 30.0 * maps["wm"] + 8.0 * maps["csf"]) / np.maximum(tissue, 1e-3)
+    brain_hu = _brain_hu(maps["t1"] / np.maximum(brain, 1e-3), maps, brain > 0.5)
     # The skull follows a smooth envelope of the brain, not its sulci.
     envelope = ndimage.gaussian_filter(brain, 4.0 / voxel_mm) > 0.3
     outside = ndimage.distance_transform_edt(~envelope, sampling=voxel_mm)
@@ -189,6 +193,20 @@ def _head_hu(maps: dict[str, np.ndarray], voxel_mm: float) -> np.ndarray:
     outer[(outside > 2.0) & (outside <= 4.5)] = 800.0  # diploe
     outer[envelope] = 8.0  # CSF between brain and skull
     return (brain * brain_hu + (1.0 - brain) * outer).astype(np.float32)
+
+
+_TISSUE_HU = {"csf": 8.0, "gm": 38.0, "wm": 30.0}
+
+
+def _brain_hu(t1: np.ndarray, maps: dict[str, np.ndarray], inside: np.ndarray) -> np.ndarray:
+    """HU interpolated piecewise-linearly over the mean T1 of the voxels each tissue dominates."""
+    names = list(_TISSUE_HU)
+    values = t1[inside]
+    dominant = np.argmax(np.stack([maps[name][inside] for name in names]), axis=0)
+    anchors = [float(values[dominant == k].mean()) for k in range(len(names))]
+    if not anchors[0] < anchors[1] < anchors[2]:  # np.interp needs them increasing
+        raise RuntimeError(f"template T1 tissue means are not ordered CSF < GM < WM: {dict(zip(names, anchors))}")
+    return np.interp(t1, anchors, [_TISSUE_HU[name] for name in names]).astype(np.float32)
 
 
 def sample_rigid(rng: np.random.Generator, *, max_angle_deg: float = 10.0,
