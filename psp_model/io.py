@@ -12,10 +12,22 @@ from pathlib import Path
 import numpy as np
 
 
+def _process_umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+NEW_FILE_MODE = 0o666 & ~_process_umask()
+"""What ``open()`` would give a new file: reports and models stay readable as the site's umask allows."""
+
+
 def atomic_write(path: Path, write: Callable[[Path], None]) -> Path:
     """Call ``write(tmp)`` on a temporary file beside ``path``, fsync it, then rename it over ``path``.
 
     If ``write`` fails (a full disk included) the temporary file is removed and ``path`` is untouched.
+    The file gets the umask's usual mode (``mkstemp`` alone would make it 0600); writers of secrets
+    chmod the temporary file themselves before writing the secret.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -23,6 +35,7 @@ def atomic_write(path: Path, write: Callable[[Path], None]) -> Path:
     os.close(handle)
     tmp = Path(tmp_name)
     try:
+        tmp.chmod(NEW_FILE_MODE)
         write(tmp)
         with open(tmp, "rb+") as stream:
             os.fsync(stream.fileno())
