@@ -42,7 +42,8 @@ class StudyConfig:
         min_sites: connected sites to wait for (up to ``round_timeout``) before the study starts;
             0 starts with whoever is connected (simulation starts every site at once).
         strategy: ``fedavg`` (weighted by examples) or ``fedprox`` (``proximal_mu`` > 0).
-        round_timeout: seconds to wait for replies in one round.
+        round_timeout: seconds to wait for replies in one round (in fine-tuning, one round carries every
+            fold, so a site trains all its folds within it).
         resume: continue from the last checkpoint in ``run_dir``.
         encoder_mode: ``ssl`` (frozen SSL encoder: the proposed method), ``transfer`` or ``scratch``.
         head_variant: ``multimodal``, ``clinical-only`` or ``mri-only``.
