@@ -199,6 +199,8 @@ def test_threads_after_ants_import_warn(case, monkeypatch):
         ({"shrink_factors": (4, 2, 0)}, "shrink_factors must be integers >= 1"),
         ({"smoothing_sigmas": (2.0, -1.0, 0.0)}, "smoothing_sigmas must be >= 0"),
         ({"sampling_rate": 0.0}, "sampling_rate must be in \\(0, 1\\]"),
+        ({"native_sampling_rate": 1.5}, "native_sampling_rate must be in \\(0, 1\\]"),
+        ({"native_iterations": -1}, "native_iterations must be >= 0"),
         ({"histogram_bins": 4}, "histogram_bins must be >= 8"),
         ({"ct_window_hu": (200.0, -100.0)}, "ct_window_hu must be \\(low, high\\) with low < high"),
         ({"mr_percentiles": (1.0, 120.0)}, "mr_percentiles must lie in \\[0, 100\\]"),
