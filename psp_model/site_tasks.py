@@ -75,11 +75,6 @@ class Reply:
     configs: dict[str, str | list[str]] = field(default_factory=dict)
 
 
-_NOT_TRAINING_KEYS = frozenset({"run-dir", "cohort-dir", "signing-key", "resume", "phases", "round-timeout",
-                                "min-sites", "min-replies"})
-"""Study settings that do not change what a site computes in a fine-tuning round."""
-
-
 def round_seed(seed: int, *parts: object) -> int:
     """A seed for one (phase, fold, round, site) that is the same in a resumed run."""
     digest = hashlib.sha256(json.dumps([seed, *map(str, parts)]).encode()).digest()
@@ -211,8 +206,7 @@ class LocalSite:
         Keyed by what decides the training (not the run directory), so a study resumed from a moved
         run directory finds its state; two studies with equal keys compute the same states anyway.
         """
-        settings = {k: v for k, v in self.study.to_run_config().items() if k not in _NOT_TRAINING_KEYS}
-        key = json.dumps([settings, encoder_hash, fold, features], sort_keys=True)
+        key = json.dumps([self.study.training_settings(), encoder_hash, fold, features], sort_keys=True)
         return Path(self.site.work_dir) / "optimizer" / hashlib.sha256(key.encode()).hexdigest()[:16]
 
     def folds(self) -> list[tuple[np.ndarray, np.ndarray]]:

@@ -18,6 +18,10 @@ PROFILES: tuple[str, ...] = ("tiny", "demo", "full")
 STRATEGIES: tuple[str, ...] = ("fedavg", "fedprox")
 
 
+_NOT_TRAINING_KEYS = frozenset({"run-dir", "cohort-dir", "signing-key", "resume", "phases", "round-timeout",
+                                "min-sites", "min-replies"})
+
+
 @dataclass(frozen=True)
 class StudyConfig:
     """Run-wide settings. Field ``ssl_rounds`` is run-config key ``ssl-rounds``, and so on.
@@ -92,6 +96,10 @@ class StudyConfig:
     def to_run_config(self) -> dict[str, Any]:
         """The kebab-case mapping Flower expects (what ``from_run_config`` reads back)."""
         return {f.name.replace("_", "-"): getattr(self, f.name) for f in fields(self)}
+
+    def training_settings(self) -> dict[str, Any]:
+        """The run config less the keys that do not change what a site computes (where, when, how long to wait)."""
+        return {k: v for k, v in self.to_run_config().items() if k not in _NOT_TRAINING_KEYS}
 
     @classmethod
     def from_run_config(cls, run_config: dict[str, Any], *, where: str = "run config") -> StudyConfig:

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
+from flwr.app import ConfigRecord, Message, MessageType, RecordDict
 from flwr.serverapp import Grid
 from flwr.supercore import log
 
@@ -440,22 +440,21 @@ def _federated_rounds(fed: Federation, phase: str, sites: list[Site], series: li
         if fed.study.resume and (last := fed.run.last_round(one.name, fold=one.fold)) is not None:
             one.done, one.arrays = last
             log(INFO, "%s: resuming after round %d of %d", _label(one), one.done, total_rounds)
-    pending = [one for one in series if one.done < total_rounds]
-    strategies = {id(one): _strategy(fed, sites, extra_records) for one in pending}
-    first_round = min((one.done for one in pending), default=total_rounds) + 1
+    pending = [(one, _strategy(fed, sites, extra_records)) for one in series if one.done < total_rounds]
+    first_round = min((one.done for one, _ in pending), default=total_rounds) + 1
     started = time.perf_counter()
     try:
         for round_ in range(first_round, total_rounds + 1):
-            active = [one for one in pending if one.done < round_]
-            sent = {id(one): list(strategies[id(one)].configure_train(
-                round_, from_arrays(one.arrays), ConfigRecord({PHASE_KEY: phase, **one.config}), fed.grid))
-                for one in active}
-            replies = list(fed.grid.send_and_receive([m for batch in sent.values() for m in batch],
+            active = [(one, strategy) for one, strategy in pending if one.done < round_]
+            sent = [list(strategy.configure_train(round_, from_arrays(one.arrays),
+                                                  ConfigRecord({PHASE_KEY: phase, **one.config}), fed.grid))
+                    for one, strategy in active]
+            replies = list(fed.grid.send_and_receive([m for batch in sent for m in batch],
                                                      timeout=fed.study.round_timeout))
-            owner = {m.metadata.message_id: key for key, batch in sent.items() for m in batch}  # ids set on push
-            for one in active:
-                mine = [r for r in replies if owner.get(r.metadata.reply_to_message_id) == id(one)]
-                arrays, _ = strategies[id(one)].aggregate_train(round_, mine)
+            owner = {m.metadata.message_id: k for k, batch in enumerate(sent) for m in batch}  # ids set on push
+            for k, (one, strategy) in enumerate(active):
+                arrays, _ = strategy.aggregate_train(
+                    round_, [r for r in replies if owner.get(r.metadata.reply_to_message_id) == k])
                 if arrays is None:
                     raise StudyError(f"{_label(one)} round {round_}: the sites' replies could not be aggregated "
                                      "(see the warnings above); fix the sites, then rerun with resume=true")
@@ -464,12 +463,11 @@ def _federated_rounds(fed: Federation, phase: str, sites: list[Site], series: li
     except TooFewRepliesError as exc:
         raise StudyError(str(exc)) from None
     finally:
-        for one in pending:
-            fed.rounds.extend({"phase": one.name, "fold": one.fold, **entry}
-                              for entry in strategies[id(one)].round_log)
+        for one, strategy in pending:
+            fed.rounds.extend({"phase": one.name, "fold": one.fold, **entry} for entry in strategy.round_log)
     if pending:
         log(INFO, "%s: rounds %d-%d of %s in %.1f s", phase, first_round, total_rounds,
-            ", ".join(_label(one) for one in pending), time.perf_counter() - started)
+            ", ".join(_label(one) for one, _ in pending), time.perf_counter() - started)
     return [one.arrays for one in series]
 
 

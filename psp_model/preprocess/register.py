@@ -208,7 +208,7 @@ def register_mr_to_ct(
     init_mr_to_ct = np.eye(4)
     init_mr_to_ct[:3, 3] = _centroid(ct_unit, ct.affine) - _centroid(mr_unit, t1ce.affine)
     ants = _import_ants(config.threads, deterministic)
-    with tempfile.TemporaryDirectory(prefix="psp-register-") as work:
+    with tempfile.TemporaryDirectory(prefix="psp-register-") as work, _seeded(ants, config.seed):
         init_path = str(Path(work) / "init.mat")
         ants.write_transform(_ants_affine(ants, _ct_to_mr_lps(init_mr_to_ct)), init_path)
         fixed = _downsampled(ct_unit, ct.affine, config.voxel_mm)
@@ -219,7 +219,7 @@ def register_mr_to_ct(
             levels.append(((ct_unit, ct.affine), (mr_unit, t1ce.affine), (config.native_iterations,), (1,),
                            (0.0,), config.native_sampling_rate))
         for stage, (fixed, moving, iterations, shrink, sigmas, sampling) in enumerate(levels):
-            with _seeded(ants, config.seed), _captured_output() as itk_output:
+            with _captured_output() as itk_output:
                 result = ants.registration(
                     fixed=_ants_image(ants, *fixed),
                     moving=_ants_image(ants, *moving),
@@ -420,7 +420,7 @@ def _soft_tissue_fraction(
 
 @contextlib.contextmanager
 def _seeded(ants: ModuleType, seed: int) -> Iterator[None]:
-    """ANTs' fixed sampling seed for one call, restored afterwards.
+    """ANTs' fixed sampling seed for the calls inside, restored afterwards.
 
     antspyx ignores ``random_seed=`` and passes ``--random-seed`` from ``ants.config._random_seed``;
     its ``set_ants_deterministic`` would also reseed numpy's and Python's global generators.
