@@ -47,8 +47,8 @@ FOLDS = 5
 SEED = 0
 BAYES_FRACTION = 0.8
 """Multimodal AUC must reach this fraction of the site's Bayes AUC (see ``test_multimodal_beats_ablations``)."""
-IMAGE_MARGIN = 0.03
-"""AUC the multimodal head must lose when its MRI tokens are permuted across cases."""
+PERMUTATIONS = 5
+"""Shuffles of the MRI tokens across cases the real tokens must beat (see ``test_multimodal_uses_the_images``)."""
 CPU = {"device": "cpu", "precision": "fp32"}
 
 
@@ -142,18 +142,24 @@ def test_multimodal_beats_ablations(cv_inputs):
     assert auc["multimodal"] >= BAYES_FRACTION * bayes, (auc, bayes)
 
 
-@pytest.mark.xfail(strict=True, reason="the frozen tiny SSL tokens carry no lesion-pattern signal yet: the multimodal "
-                   "head scores the same with tokens permuted across cases (models issue)")
+@pytest.mark.xfail(strict=True, reason="the frozen tiny SSL tokens carry the lesion pattern too weakly: at seed 0 the "
+                   "multimodal head scores 0.807 with each case's own tokens and 0.738-0.816 with permuted ones "
+                   "(models issue)")
 def test_multimodal_uses_the_images(cv_inputs):
-    """Control for the test above: the multimodal head must lose AUC when each case gets another case's tokens.
+    """Control for the test above: the multimodal head must score better with each case's own tokens than with
+    any of ``PERMUTATIONS`` shuffles of the tokens across cases (a permutation test at p < 1 / 6).
 
     Without it, "multimodal > clinical-only" can pass because the multimodal head fits the clinical features
-    faster than the 4-layer MLP under the same epoch budget, not because it reads the MRI. The label
-    model's MR pattern is worth ~0.1 AUC (clinical-only oracle ~0.85 vs Bayes ~0.95), so a head that uses it
-    loses well over ``IMAGE_MARGIN`` when the tokens are permuted.
+    faster than the 4-layer MLP under the same epoch budget, not because it reads the MRI. On this tiny site
+    the label model's pattern latent sits mostly in the lesion's peak T1CE intensity (Spearman ~0.9), which
+    the frozen tiny ViT's final LayerNorm largely removes, and on 60 cases even the true latent adds only
+    ~0.03-0.10 AUC to a cross-validated logistic regression on the clinical features. Measured 2026-11-22
+    (real; permuted): seed 0 0.807; 0.738-0.816 (fails), seed 1 0.806; 0.663-0.802 (passes); the site of
+    seed 2 fails both tests of this file (its tokens mislead the head: real 0.41).
     """
     encoder, tokens, clinical, labels, _ = cv_inputs
-    permuted = tokens[torch.randperm(len(tokens), generator=torch.Generator().manual_seed(SEED))]
+    generator = torch.Generator().manual_seed(SEED)
     real = _pooled_cv_auc("multimodal", encoder, tokens, clinical, labels)
-    shuffled = _pooled_cv_auc("multimodal", encoder, permuted, clinical, labels)
-    assert real >= shuffled + IMAGE_MARGIN, (real, shuffled)
+    shuffled = [_pooled_cv_auc("multimodal", encoder, tokens[torch.randperm(len(tokens), generator=generator)],
+                               clinical, labels) for _ in range(PERMUTATIONS)]
+    assert real > max(shuffled), (real, shuffled)
