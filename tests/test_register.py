@@ -201,6 +201,8 @@ def test_threads_after_ants_import_warn(case, monkeypatch):
         ({"sampling_rate": 0.0}, "sampling_rate must be in \\(0, 1\\]"),
         ({"native_sampling_rate": 1.5}, "native_sampling_rate must be in \\(0, 1\\]"),
         ({"native_iterations": -1}, "native_iterations must be >= 0"),
+        ({"final_sampling_rate": 1.5}, "final_sampling_rate must be in \\(0, 1\\]"),
+        ({"final_iterations": -1}, "final_iterations must be >= 0"),
         ({"histogram_bins": 4}, "histogram_bins must be >= 8"),
         ({"ct_window_hu": (200.0, -100.0)}, "ct_window_hu must be \\(low, high\\) with low < high"),
         ({"mr_percentiles": (1.0, 120.0)}, "mr_percentiles must lie in \\[0, 100\\]"),
@@ -221,8 +223,18 @@ def test_config_reports_every_problem_at_once():
     assert len(error.value.problems) == 2
 
 
+def test_pyramid_is_finer_only_when_it_is_the_last_word():
+    config = RegistrationConfig()
+    assert config.pyramid(final=False) == ((60, 30, 5), (4, 2, 1), (2.0, 1.0, 0.0), 0.15)
+    assert config.pyramid(final=True) == ((60, 30, 10), (4, 2, 1), (2.0, 1.0, 0.0), 0.3)
+    rigid = RegistrationConfig.ants_rigid()
+    assert rigid.pyramid(final=True) == (rigid.iterations, rigid.shrink_factors, rigid.smoothing_sigmas, 0.2)
+
+
 def test_tiny_cohort_cases_match_truth(tiny_cohort):
-    """End to end on the generator's files: NIfTI T1CE + CT DICOM series, truth.csv mr_to_ct."""
+    """End to end on the generator's files (NIfTI T1CE + CT DICOM series) for every case of the two sites
+    with a planning CT: truth.csv's mr_to_ct within the bounds. 3 mm images are not downsampled, so the pyramid is the last
+    word; with 5 iterations at 15 % sampling 3 of 108 such cases (seeds 0-2) missed the bounds."""
     import pandas as pd
 
     from psp_model import schema
@@ -230,10 +242,10 @@ def test_tiny_cohort_cases_match_truth(tiny_cohort):
 
     truth = pd.read_csv(tiny_cohort / "truth.csv")
     entries = [f"mr_to_ct_{r}{c}" for r in range(4) for c in range(4)]
-    rows = truth[truth["site"] == "burdenko"].head(2)
-    assert len(rows) == 2
+    rows = truth[truth["site"].isin(["burdenko", "uker"])]
+    assert len(rows) == 36
     for _, row in rows.iterrows():
-        folder = tiny_cohort / "burdenko" / row["case_id"]
+        folder = tiny_cohort / row["site"] / row["case_id"]
         t1ce = nib.load(folder / schema.T1CE_FILE)
         result = register_mr_to_ct(t1ce, read_ct_series(folder / schema.CT_DIR))
         brain = np.argwhere(np.asarray(t1ce.dataobj) > 0)
