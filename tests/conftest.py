@@ -27,3 +27,17 @@ def tiny_cohort(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("tiny_cohort")
     generate_cohort(out, seed=0, profile="tiny", workers=1, progress=False)
     return out
+
+
+@pytest.fixture(scope="session")
+def tiny_cohort_preprocessed(tiny_cohort: Path) -> dict:
+    """``{site name: SiteRun}`` of every tiny-cohort site, preprocessed as a study's sites do it.
+
+    The work dirs are the cohort's own (``psp-fl-work``), which the simulated studies use too, so
+    whichever of them comes first pays and the others read the cache.
+    """
+    from psp_model.preprocess.pipeline import PreprocessSettings, preprocess_site
+    from psp_model.sites import load_site_config
+
+    return {path.stem: preprocess_site(load_site_config(path), PreprocessSettings(profile="tiny"), progress=False)
+            for path in sorted((tiny_cohort / "site_configs").glob("*.yaml"))}
