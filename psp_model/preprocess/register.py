@@ -71,9 +71,9 @@ class RegistrationConfig:
             (None: ``iterations[-1]``).
         final_sampling_rate: ``sampling_rate`` of the pyramid in that case (None: ``sampling_rate``).
             With 5 iterations at 15 %, 3 of 108 CT cases of 3 mm tiny cohorts missed the tests' TRE
-            bounds and 1 of 20 2 mm demo cases' dose was 0.51 Gy off; with 10 at 30 %: 0 of 144
-            (median mean TRE 0.52 -> 0.32 mm) and 20 of 20 within 0.5 Gy (worst 0.43 Gy), for +0.6 and
-            +2.5 CPU s per case (bench/README.md, Registration).
+            bounds; with 10 at 30 %, 0 of 144 (median mean TRE 0.52 -> 0.32 mm), +0.6 CPU s per case.
+            Of the 79 CT cases of the 2 mm demo cohort, those with every lesion dose feature within
+            0.5 Gy of the truth went from 67 to 75, +2.5 CPU s per case (bench/README.md, Registration).
         histogram_bins: Mattes mutual-information bins.
         ct_window_hu: CT numbers mapped linearly to [0, 1] (clipped). A soft-tissue window: brain,
             CSF and scalp spread over the range, air and bone saturate, nothing is negative.
