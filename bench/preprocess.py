@@ -35,6 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from psp_model.preprocess.register import RegistrationConfig, register_mr_to_ct  # noqa: E402
 from simulation import phantom  # noqa: E402
+from simulation.cohort import truth_mr_to_ct  # noqa: E402
 from simulation.profiles import PROFILES  # noqa: E402
 
 CROP_MM = 160.0
@@ -251,7 +252,7 @@ def _accuracy(results, truth_csv: Path) -> dict[str, float]:
         if result.status != "ok":
             continue
         row = truth[result.case_id]
-        true = np.array([[float(row[f"mr_to_ct_{r}{c}"]) for c in range(4)] for r in range(4)])
+        true = truth_mr_to_ct(row)
         found = np.array(result.checks["mr_to_ct"])
         tre.append(float(np.linalg.norm((points @ true.T - points @ found.T)[:, :3], axis=1).mean()))
         dose.append([abs(result.features[f"dose_{k}"] - float(row[f"dose_{k}"])) for k in features])

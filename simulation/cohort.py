@@ -48,10 +48,11 @@ from simulation.dicom_writer import make_uid, write_ct_series, write_rtdose
 from simulation.label_model import LabelModel, sample_clinical
 from simulation.profiles import PROFILES, Profile, SiteSpec
 
-__all__ = ["generate_cohort", "set_model_signing_key", "exact_dose_features", "case_ids", "TRUTH_FILE", "SUMMARY_FILE",
-           "SITE_CONFIG_DIR"]
+__all__ = ["generate_cohort", "set_model_signing_key", "exact_dose_features", "case_ids", "truth_mr_to_ct",
+           "TRUTH_FILE", "MR_TO_CT_COLUMNS", "SUMMARY_FILE", "SITE_CONFIG_DIR"]
 
 TRUTH_FILE = "truth.csv"
+MR_TO_CT_COLUMNS: tuple[str, ...] = tuple(f"mr_to_ct_{r}{c}" for r in range(4) for c in range(4))
 SUMMARY_FILE = "truth_summary.json"
 SITE_CONFIG_DIR = "site_configs"
 GENERATOR = "psp-sim cohort"
@@ -241,8 +242,13 @@ def _psp_case(job: _CaseJob) -> dict:
     row.update(lesion_radius_mm=lesion.radius_mm, rim_mm=lesion.rim_mm, oedema_mm=lesion.oedema_mm)
     row.update({f"dose_{name}": dose[name] for name in _DOSE_TRUTH})
     row.update(dict(zip(("rot_x_deg", "rot_y_deg", "rot_z_deg", "tx_mm", "ty_mm", "tz_mm"), params.tolist())))
-    row.update({f"mr_to_ct_{r}{c}": float(mr_to_ct[r, c]) for r in range(4) for c in range(4)})
+    row.update(zip(MR_TO_CT_COLUMNS, mr_to_ct.ravel().astype(float).tolist()))
     return row
+
+
+def truth_mr_to_ct(row: dict) -> np.ndarray:
+    """The true follow-up MR world -> planning CT world transform (4, 4) of one ``truth.csv`` row."""
+    return np.array([float(row[column]) for column in MR_TO_CT_COLUMNS]).reshape(4, 4)
 
 
 def assign_labels(rows: list[dict], tp_fraction: float | None) -> None:

@@ -23,7 +23,7 @@ from psp_model.preprocess.dose import dose_features, rtdose_to_nifti
 from psp_model.sites import load_site_config
 from simulation import phantom
 from simulation.cli import app
-from simulation.cohort import generate_cohort
+from simulation.cohort import generate_cohort, truth_mr_to_ct
 from simulation.profiles import PROFILES, Profile
 
 TINY = PROFILES["tiny"]
@@ -38,10 +38,6 @@ MINI = Profile("mini", voxel_mm=3.0, sites=(
 def _truth(cohort: Path) -> list[dict]:
     with (cohort / "truth.csv").open(newline="") as handle:
         return list(csv.DictReader(handle))
-
-
-def _mr_to_ct(row: dict) -> np.ndarray:
-    return np.array([[float(row[f"mr_to_ct_{r}{c}"]) for c in range(4)] for r in range(4)])
 
 
 def _files(root: Path) -> dict[str, bytes]:
@@ -109,7 +105,7 @@ def test_summary_counts_and_bayes_auc(tiny_cohort):
 
 def test_rigid_offsets_within_bounds_and_match_their_parameters(tiny_cohort):
     for row in _truth(tiny_cohort):
-        matrix = _mr_to_ct(row)
+        matrix = truth_mr_to_ct(row)
         rotvec = np.array([float(row[k]) for k in ("rot_x_deg", "rot_y_deg", "rot_z_deg")])
         shift = np.array([float(row[k]) for k in ("tx_mm", "ty_mm", "tz_mm")])
         assert 0 < np.linalg.norm(rotvec) <= 10.0 and np.linalg.norm(shift) <= 15.0
@@ -130,7 +126,7 @@ def test_lesion_inside_the_brain_and_where_truth_says_in_every_orientation(tiny_
         assert set(np.unique(labels)) <= {0, 1, 2, 4} and (labels == 4).any()
         assert np.all(t1ce[labels > 0] > 0)
         core = np.argwhere(np.isin(labels, (1, 4)))
-        centroid_ct = apply_affine(_mr_to_ct(row) @ lesion.affine, core).mean(axis=0)
+        centroid_ct = apply_affine(truth_mr_to_ct(row) @ lesion.affine, core).mean(axis=0)
         centre = np.array([float(row[k]) for k in ("lesion_x_mm", "lesion_y_mm", "lesion_z_mm")])
         assert np.linalg.norm(centroid_ct - centre) < 4.0, row["case_id"]
 
@@ -157,7 +153,7 @@ def test_truth_dose_features_are_consistent_and_match_the_pipeline_function(tiny
     for row in rows[:4]:  # an independent implementation agrees (both read the written files)
         folder = tiny_cohort / row["site"] / row["case_id"]
         features = dose_features(rtdose_to_nifti(folder / schema.RTDOSE_FILE), nib.load(folder / schema.LESION_FILE),
-                                 labels=(1, 4), lesion_to_dose=_mr_to_ct(row), min_coverage=0.0)
+                                 labels=(1, 4), lesion_to_dose=truth_mr_to_ct(row), min_coverage=0.0)
         for key in ("mean", "min", "median", "d98", "coverage"):
             assert features[key] == pytest.approx(float(row[f"dose_{key}"]), abs=1e-6)
 

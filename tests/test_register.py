@@ -239,9 +239,9 @@ def test_tiny_cohort_cases_match_truth(tiny_cohort, tiny_cohort_preprocessed):
     import pandas as pd
 
     from psp_model import schema
+    from simulation.cohort import truth_mr_to_ct
 
     truth = pd.read_csv(tiny_cohort / "truth.csv").set_index("case_id")
-    entries = [f"mr_to_ct_{r}{c}" for r in range(4) for c in range(4)]
     results = [r for site in ("burdenko", "uker") for r in tiny_cohort_preprocessed[site].results]
     assert len(results) == 36 and all("mr_to_ct" in r.checks for r in results), [(r.case_id, r.reason) for r in results]
     for result in results:
@@ -249,5 +249,5 @@ def test_tiny_cohort_cases_match_truth(tiny_cohort, tiny_cohort_preprocessed):
         t1ce = nib.load(tiny_cohort / row["site"] / result.case_id / schema.T1CE_FILE)
         brain = np.argwhere(np.asarray(t1ce.dataobj) > 0)
         points = brain @ t1ce.affine[:3, :3].T + t1ce.affine[:3, 3]
-        mean, worst = _tre(np.asarray(result.checks["mr_to_ct"]), row[entries].to_numpy(float).reshape(4, 4), points)
+        mean, worst = _tre(np.asarray(result.checks["mr_to_ct"]), truth_mr_to_ct(row), points)
         assert mean < MEAN_TRE_MM and worst < MAX_TRE_MM, (result.case_id, mean, worst)
