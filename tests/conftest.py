@@ -2,6 +2,10 @@
 
 ITK runs single-threaded in the test session (set before anything imports ants), so that
 registrations asked to be deterministic are bit-reproducible wherever a test runs them.
+torch runs single-threaded too (OMP_NUM_THREADS, read when torch starts), as the simulation's Ray
+actors do: the tests' tiny models gain nothing from a second OpenMP thread (test_variants: 140 s with
+one, 156 s with two, idle), and two threads spin against any other busy process: under such load one
+5-fold CV of the tiny head took 46-64 s with two threads and 6-7 s with one.
 """
 
 from __future__ import annotations
@@ -9,6 +13,7 @@ from __future__ import annotations
 import os
 
 os.environ["ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS"] = "1"
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 from pathlib import Path  # noqa: E402
 
