@@ -261,6 +261,9 @@ def register_mr_to_ct(
                            (0.0,), config.native_sampling_rate, None))
         elif config.refine_iterations > 0:
             interior = _eroded(mr_foreground, t1ce.affine, config.refine_erosion_mm)
+            if not interior.any():
+                raise InputError(f"T1CE foreground is thinner than 2 x {config.refine_erosion_mm:g} mm "
+                                 "(RegistrationConfig.refine_erosion_mm): not a head MR, or a cropped one?")
             levels.append(((_window(ct_hu, config.refine_ct_window_hu), ct.affine), (mr_unit, t1ce.affine),
                            (config.refine_iterations,), (1,), (0.0,), config.refine_sampling_rate,
                            _ants_image(ants, interior.astype(np.float32), t1ce.affine)))
