@@ -46,6 +46,8 @@ from simulation.cohort import truth_mr_to_ct  # noqa: E402
 from simulation.profiles import PROFILES  # noqa: E402
 
 CROP_MM = 160.0
+DOSE_FEATURES = ("mean", "min", "median", "d98")
+"""The lesion dose features compared with ``truth.csv``'s ``dose_<name>`` columns."""
 SCHEDULES: dict[str, Callable[[], RegistrationConfig]] = {
     "default": RegistrationConfig,
     "rigid": RegistrationConfig.ants_rigid,
@@ -161,16 +163,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--cohort", type=Path,
                         help="a generated cohort folder: register each of its CT cases and compare with truth.csv instead")
     args = parser.parse_args(argv)
-    if args.cohort:
-        os.environ["ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS"] = str(args.threads)
-        return cohort_accuracy(args.cohort, args.json)
-    if args.pipeline:
-        os.environ["ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS"] = str(args.threads)
-        return pipeline_benchmark(args.profile, args.cases, args.seed, args.json)
     unknown = sorted(set(args.schedules.split(",")) - set(SCHEDULES))
     if unknown:
         parser.error(f"unknown schedule(s) {unknown}; choose from {sorted(SCHEDULES)}")
     os.environ["ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS"] = str(args.threads)
+    if args.cohort:
+        return cohort_accuracy(args.cohort, args.json)
+    if args.pipeline:
+        return pipeline_benchmark(args.profile, args.cases, args.seed, args.json)
 
     voxel_mm = PROFILES[args.profile].voxel_mm
     stages = {f"registration[{s}]": registration_stage(s) for s in args.schedules.split(",")}
@@ -258,7 +258,7 @@ def _accuracy(results, truth_csv: Path) -> dict[str, float]:
     truth = {row["case_id"]: row for row in csv.DictReader(truth_csv.open())}
     grid = np.stack(np.meshgrid(*[np.linspace(-60, 60, 5)] * 3), -1).reshape(-1, 3)
     points = np.c_[grid, np.ones(len(grid))]
-    features = ("mean", "min", "median", "d98")
+    features = DOSE_FEATURES
     tre, dose = [], []
     for result in results:
         if result.status != "ok":
@@ -285,7 +285,7 @@ def cohort_accuracy(cohort: Path, json_path: Path | None) -> None:
     from psp_model.preprocess.dose import dose_features, rtdose_to_nifti
 
     config, rows = RegistrationConfig(), []
-    lesion_labels = (schema.BRATS_LABELS["necrosis"], schema.BRATS_LABELS["enhancing"])  # dose_features' default
+    lesion_labels = (schema.BRATS_LABELS["necrosis"], schema.BRATS_LABELS["enhancing"])
     for row in csv.DictReader((cohort / "truth.csv").open()):
         folder = cohort / row["site"] / row["case_id"]
         if not (folder / schema.CT_DIR).is_dir():
@@ -298,8 +298,8 @@ def cohort_accuracy(cohort: Path, json_path: Path | None) -> None:
         found = register_mr_to_ct(t1ce, ct, config=config, deterministic=True).mr_to_ct
         cpu = time.process_time() - cpu_started
         tre = np.linalg.norm((points @ (found - truth_mr_to_ct(row)).T)[:, :3], axis=1).max()
-        features = dose_features(dose, lesion, lesion_to_dose=found)
-        error = max(abs(features[k] - float(row[f"dose_{k}"])) for k in ("mean", "min", "median", "d98"))
+        features = dose_features(dose, lesion, labels=lesion_labels, lesion_to_dose=found)
+        error = max(abs(features[k] - float(row[f"dose_{k}"])) for k in DOSE_FEATURES)
         rows.append({"case_id": row["case_id"], "lesion_tre_max_mm": float(tre), "dose_error_gy": float(error),
                      "cpu_s": cpu})
         print(f"  {row['case_id']}: lesion TRE max {tre:.3f} mm, worst dose feature {error:.3f} Gy, {cpu:.1f} CPU s",

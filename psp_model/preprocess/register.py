@@ -78,7 +78,7 @@ class RegistrationConfig:
             inside its eroded foreground (0: none). The MR's brain edge (a hard cut, 0 outside, on the MR
             grid) biases the Mattes optimum by 0.2-0.6 mm at 2 mm; without it the optimum is within
             ~0.1 mm of the truth. Demo cohort (79 CT cases, 2 mm): 78 / 79 within 0.5 Gy (worst 0.58 Gy),
-            median lesion max TRE 0.13 mm, +1.6 CPU s per case (without it 72 / 79, worst 0.86 Gy, 0.18 mm).
+            median lesion max TRE 0.13 mm, +1.2-1.6 CPU s per case (without it 72 / 79, worst 0.86 Gy, 0.18 mm).
         refine_sampling_rate: ``sampling_rate`` of that level.
         refine_ct_window_hu: CT window of that level: narrower than ``ct_window_hu`` so grey matter,
             white matter and CSF (8-38 HU) span many histogram bins instead of three.
