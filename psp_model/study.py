@@ -43,8 +43,8 @@ class StudyConfig:
         ssl_local_epochs / finetune_local_epochs: local epochs per round at each site.
         min_replies: successful site replies a round needs; fewer aborts the phase (never a
             "global" model that is one site's update).
-        min_sites: connected sites to wait for (up to ``round_timeout``) before the study starts;
-            0 starts with whoever is connected (simulation starts every site at once).
+        min_sites: connected sites to wait for (up to ``round_timeout``) before the study starts, and
+            to hear statistics from; 0 starts with whoever is connected (simulation starts every site at once).
         strategy: ``fedavg`` (weighted by examples) or ``fedprox`` (``proximal_mu`` > 0).
         round_timeout: seconds to wait for replies in one round (in fine-tuning, one round carries every
             fold, so a site trains all its folds within it).

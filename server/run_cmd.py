@@ -45,7 +45,7 @@ def run(
         help="Where the SuperLink writes this study's outputs (default: <state>/runs/<UTC time>).")] = None,
     min_sites: Annotated[int, typer.Option(
         min=0, help="Sites the study waits for before its first phase (run config min-sites; up to "
-                    "round-timeout). 0: start with whoever is connected.")] = 0,
+                    "round-timeout) and must hear statistics from. 0: start with whoever is connected.")] = 0,
     stream: Annotated[bool, typer.Option(help="Follow the run's log until it ends.")] = False,
     superlink: ConnectionOptions.superlink = None,
     certs: ConnectionOptions.certs = None,

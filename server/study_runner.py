@@ -161,9 +161,10 @@ def phase_stats(fed: Federation) -> tuple[NyulLandmarks, FeatureManifest | None]
     node_ids = _wait_for_nodes(fed)
     probes = [Site(node_id=n, name=str(n), roles=[]) for n in node_ids]
     replies = fed.send(probes, MessageType.QUERY, {"config": ConfigRecord({PHASE_KEY: "stats"})})
-    landmark_parts, clinical_parts = [], []
+    landmark_parts, clinical_parts, failed = [], [], {}
     for reply in replies:
         if reply.has_error():
+            failed[fed.sender(reply)] = reply.error.reason
             log(INFO, "stats: node %s failed: %s", fed.sender(reply), reply.error.reason)
             continue
         config, metrics = reply.content["config"], reply.content["metrics"]
@@ -178,6 +179,11 @@ def phase_stats(fed: Federation) -> tuple[NyulLandmarks, FeatureManifest | None]
             clinical_parts.append(ClinicalStats.from_arrays(
                 {k.removeprefix("clinical."): v for k, v in arrays.items() if k.startswith("clinical.")}))
     fed.sites.sort(key=lambda s: s.name)
+    if len(fed.sites) < fed.study.min_sites:
+        silent = sorted(set(node_ids) - {s.node_id for s in fed.sites} - set(failed))
+        raise StudyError(f"{len(fed.sites)} of the {len(node_ids)} connected sites sent statistics, min-sites = "
+                         f"{fed.study.min_sites} (failed: {failed or 'none'}; no reply within round-timeout: "
+                         f"{silent or 'none'}); check those sites' logs and QC reports, or lower min-sites")
     if not landmark_parts:
         raise StudyError("no ssl or training site sent statistics: check the sites' QC reports and logs")
     landmarks = combine_landmarks(landmark_parts)
