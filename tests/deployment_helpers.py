@@ -89,14 +89,15 @@ def kill_tree(pid: int, sig: signal.Signals = signal.SIGKILL) -> None:
             pass
 
 
-def wait_for(condition: Callable[[], T], timeout: float, what: str, poll: float = 0.5) -> T:
-    """Poll ``condition`` until it returns something truthy; fail naming ``what`` after ``timeout`` s."""
+def wait_for(condition: Callable[[], T], timeout: float, what: str, poll: float = 0.5,
+             details: Callable[[], str] = str) -> T:
+    """Poll ``condition`` until it returns something truthy; fail naming ``what`` (and ``details()``) after ``timeout`` s."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if value := condition():
             return value
         time.sleep(poll)
-    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+    raise AssertionError(f"timed out after {timeout} s waiting for {what}\n{details()}")
 
 
 def tail(log: Path, lines: int = 40) -> str:

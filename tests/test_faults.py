@@ -16,7 +16,7 @@ import os
 import re
 import shutil
 import subprocess
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -79,6 +79,14 @@ def _finish(federation: Federation, study: tuple[subprocess.Popen, Path], timeou
     return returncode, log.read_text(errors="replace")
 
 
+def _wait_while_running(federation: Federation, study: tuple[subprocess.Popen, Path], condition: Callable[[], object],
+                        timeout: float, what: str) -> None:
+    """Wait for ``condition``; fail at once, showing every process's log, when the study ends first."""
+    process, _ = study
+    wait_for(lambda: condition() or process.poll() is not None, timeout, what, details=lambda: federation.logs(40))
+    assert process.poll() is None, f"the study ended ({process.returncode}) before {what}:\n{federation.logs(40)}"
+
+
 def _sent(audit_log: Path, phase: str) -> bool:
     lines = audit_log.read_text().splitlines() if audit_log.is_file() else []
     return any(json.loads(line)["phase"] == phase for line in lines)
@@ -96,19 +104,20 @@ def _node_id(run_dir: Path, site: str) -> int:
 @pytest.mark.timeout(600)
 def test_a_site_killed_mid_round_is_left_out_and_rejoins(federation: Federation) -> None:
     run_dir = federation.tmp / "run-site-killed"
-    process, log = _start_study(federation, "study-site-killed", run_dir, "finetune-rounds=1")
+    process, log = study = _start_study(federation, "study-site-killed", run_dir, "finetune-rounds=1")
     uker = federation.supernodes["uker"]
-    wait_for(lambda: _sent(federation.work("uker") / "audit" / "outgoing.jsonl", "install"), 300,
-             "uker to install the study's model")
+    _wait_while_running(federation, study, lambda: _sent(federation.work("uker") / "audit" / "outgoing.jsonl",
+                                                         "install"), 300, "uker to install the study's model")
     installing = set(flower_processes(uker, "flwr-clientapp"))
-    wait_for(lambda: set(flower_processes(uker, "flwr-clientapp")) - installing, 120,
-             "uker's fine-tuning ClientApp to start")
+    _wait_while_running(federation, study, lambda: set(flower_processes(uker, "flwr-clientapp")) - installing, 120,
+                        "uker's fine-tuning ClientApp to start")
     federation.processes.kill(uker)  # the SuperNode, its SuperExec and the ClientApp mid-training
 
     # The round ends once the SuperLink marks uker offline; only then may uker come back (before, it
     # is refused with exit code 305), under the node id the study's site list holds.
     fold_0 = run_dir / "checkpoints" / "finetune" / "fold_0" / "round_001.sha256"
-    wait_for(lambda: fold_0.is_file() or process.poll() is not None, 300, "fold 0 to end without uker")
+    wait_for(lambda: fold_0.is_file() or process.poll() is not None, 300, "fold 0 to end without uker",
+             details=lambda: federation.logs(40))
     federation.start_supernode("uker")
     returncode, text = _finish(federation, (process, log), timeout=300)
     assert returncode == 0, text[-4000:] + federation.logs()
@@ -144,7 +153,8 @@ def crashed_run(federation: Federation, reference_run: Path) -> Path:
     run_dir = federation.tmp / "run-crashed"
     process, log = _start_study(federation, "study-crashed", run_dir, "finetune-rounds=2")
     first = run_dir / "checkpoints" / "finetune" / "fold_0" / "round_001.sha256"
-    wait_for(lambda: first.is_file() or process.poll() is not None, 400, f"{first.name} of fold 0")
+    wait_for(lambda: first.is_file() or process.poll() is not None, 400, f"{first.name} of fold 0",
+             details=lambda: federation.logs(40))
     serverapps = list(flower_processes(federation.superlink, "flwr-serverapp"))
     assert process.poll() is None and len(serverapps) == 1, tail(log, 60)
     kill_tree(serverapps[0])
