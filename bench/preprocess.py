@@ -42,7 +42,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from psp_model.preprocess.register import RegistrationConfig, register_mr_to_ct  # noqa: E402
 from simulation import phantom  # noqa: E402
-from simulation.cohort import truth_mr_to_ct  # noqa: E402
+from simulation.cohort import ENHANCING_LABELS, truth_mr_to_ct  # noqa: E402
 from simulation.profiles import PROFILES  # noqa: E402
 
 CROP_MM = 160.0
@@ -258,7 +258,6 @@ def _accuracy(results, truth_csv: Path) -> dict[str, float]:
     truth = {row["case_id"]: row for row in csv.DictReader(truth_csv.open())}
     grid = np.stack(np.meshgrid(*[np.linspace(-60, 60, 5)] * 3), -1).reshape(-1, 3)
     points = np.c_[grid, np.ones(len(grid))]
-    features = DOSE_FEATURES
     tre, dose = [], []
     for result in results:
         if result.status != "ok":
@@ -267,13 +266,13 @@ def _accuracy(results, truth_csv: Path) -> dict[str, float]:
         true = truth_mr_to_ct(row)
         found = np.array(result.checks["mr_to_ct"])
         tre.append(float(np.linalg.norm((points @ true.T - points @ found.T)[:, :3], axis=1).mean()))
-        dose.append([abs(result.features[f"dose_{k}"] - float(row[f"dose_{k}"])) for k in features])
+        dose.append([abs(result.features[f"dose_{k}"] - float(row[f"dose_{k}"])) for k in DOSE_FEATURES])
     errors = np.array(dose)
     return {"max_mean_tre_mm": max(tre), "max_dose_error_gy": float(errors.max()),
             "median_dose_error_gy": float(np.median(errors.max(axis=1))),
             "cases_within_0.5_gy": float(np.mean(errors.max(axis=1) <= 0.5)),
-            **{f"{k}_median_gy": float(np.median(errors[:, i])) for i, k in enumerate(features)},
-            **{f"{k}_max_gy": float(errors[:, i].max()) for i, k in enumerate(features)}}
+            **{f"{k}_median_gy": float(np.median(errors[:, i])) for i, k in enumerate(DOSE_FEATURES)},
+            **{f"{k}_max_gy": float(errors[:, i].max()) for i, k in enumerate(DOSE_FEATURES)}}
 
 
 def cohort_accuracy(cohort: Path, json_path: Path | None) -> None:
@@ -285,20 +284,19 @@ def cohort_accuracy(cohort: Path, json_path: Path | None) -> None:
     from psp_model.preprocess.dose import dose_features, rtdose_to_nifti
 
     config, rows = RegistrationConfig(), []
-    lesion_labels = (schema.BRATS_LABELS["necrosis"], schema.BRATS_LABELS["enhancing"])
     for row in csv.DictReader((cohort / "truth.csv").open()):
         folder = cohort / row["site"] / row["case_id"]
         if not (folder / schema.CT_DIR).is_dir():
             continue
         t1ce, lesion = nib.load(folder / schema.T1CE_FILE), nib.load(folder / schema.LESION_FILE)
         ct, dose = read_ct_series(folder / schema.CT_DIR), rtdose_to_nifti(folder / schema.RTDOSE_FILE)
-        voxels = np.argwhere(np.isin(np.asanyarray(lesion.dataobj), lesion_labels))
+        voxels = np.argwhere(np.isin(np.asanyarray(lesion.dataobj), ENHANCING_LABELS))
         points = np.c_[nib.affines.apply_affine(lesion.affine, voxels), np.ones(len(voxels))]
         cpu_started = time.process_time()
         found = register_mr_to_ct(t1ce, ct, config=config, deterministic=True).mr_to_ct
         cpu = time.process_time() - cpu_started
         tre = np.linalg.norm((points @ (found - truth_mr_to_ct(row)).T)[:, :3], axis=1).max()
-        features = dose_features(dose, lesion, labels=lesion_labels, lesion_to_dose=found)
+        features = dose_features(dose, lesion, labels=ENHANCING_LABELS, lesion_to_dose=found)
         error = max(abs(features[k] - float(row[f"dose_{k}"])) for k in DOSE_FEATURES)
         rows.append({"case_id": row["case_id"], "lesion_tre_max_mm": float(tre), "dose_error_gy": float(error),
                      "cpu_s": cpu})

@@ -164,8 +164,8 @@ def phase_stats(fed: Federation) -> tuple[NyulLandmarks, FeatureManifest | None]
     landmark_parts, clinical_parts, failed = [], [], {}
     for reply in replies:
         if reply.has_error():
-            failed[fed.sender(reply)] = reply.error.reason
-            log(INFO, "stats: node %s failed: %s", fed.sender(reply), reply.error.reason)
+            failed[node := fed.sender(reply)] = reply.error.reason
+            log(INFO, "stats: node %s failed: %s", node, reply.error.reason)
             continue
         config, metrics = reply.content["config"], reply.content["metrics"]
         site = Site(reply.metadata.src_node_id, str(config["site-name"]), list(config["site-roles"]), dict(metrics),

@@ -30,7 +30,7 @@ class ScriptedGrid:
 
 def test_stats_from_fewer_than_min_sites_stops_the_study_naming_each_site(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(TaskIdentity, "_run_id", 7)  # Flower sets both in a real ServerApp process
+    monkeypatch.setattr(TaskIdentity, "_run_id", 7)  # Flower sets all three in a real ServerApp process
     monkeypatch.setattr(TaskIdentity, "_node_id", 1)
     monkeypatch.setattr(TaskIdentity, "_task_id", 1)
     fed = Federation(ScriptedGrid(), StudyConfig(profile="tiny", min_sites=2, round_timeout=5.0), RunDir(tmp_path))
