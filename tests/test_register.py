@@ -123,7 +123,7 @@ def test_itk_exception_printed_to_stdout_is_an_error(case, monkeypatch):
         ("t1ce", lambda d: np.where(d > 0, 7.0, 0.0), "T1CE is constant \\(7.0\\) over its non-zero voxels"),
         ("ct", lambda d: np.full_like(d, -1000), "CT has no voxel above -100.0 HU: not a CT in Hounsfield units"),
         ("t1ce", lambda d: np.where(np.arange(d.shape[2]) == d.shape[2] // 2, d, 0.0),
-         "T1CE foreground is thinner than 2 x 4 mm"),
+         "T1CE foreground is thinner than 2 x 6 mm"),
     ],
 )
 def test_unusable_images_are_rejected(case, which, change, match):

@@ -27,7 +27,7 @@ from psp_model.layouts import Case, read_site
 from psp_model.preprocess.qc import CaseResult, write_qc_report
 from psp_model.sites import SiteConfig
 
-PIPELINE_VERSION = "5"
+PIPELINE_VERSION = "6"
 """Bump when preprocessing changes what it writes: every cached case is then recomputed."""
 
 FEATURE_COLUMNS: tuple[str, ...] = (
