@@ -276,17 +276,22 @@ def _accuracy(results, truth_csv: Path) -> dict[str, float]:
 
 
 def cohort_accuracy(cohort: Path, json_path: Path | None) -> None:
-    """Per CT case: lesion TRE max (mm), worst of the four dose-feature errors (Gy), registration CPU s."""
+    """Per covered CT case: lesion TRE max (mm), worst of the four dose-feature errors (Gy), registration CPU s."""
     import csv
 
     from psp_model import schema
     from psp_model.preprocess.dicom import read_ct_series
     from psp_model.preprocess.dose import dose_features, rtdose_to_nifti
+    from psp_model.preprocess.pipeline import PreprocessSettings
 
-    config, rows = RegistrationConfig(), []
+    config, rows, min_coverage = RegistrationConfig(), [], PreprocessSettings().min_dose_coverage
     for row in csv.DictReader((cohort / "truth.csv").open()):
         folder = cohort / row["site"] / row["case_id"]
         if not (folder / schema.CT_DIR).is_dir():
+            continue
+        if float(row["dose_coverage"]) < min_coverage:
+            print(f"  {row['case_id']}: lesion {float(row['dose_coverage']):.0%} inside the dose grid, not a covered "
+                  "case (the pipeline reports it in QC)", flush=True)
             continue
         t1ce, lesion = nib.load(folder / schema.T1CE_FILE), nib.load(folder / schema.LESION_FILE)
         ct, dose = read_ct_series(folder / schema.CT_DIR), rtdose_to_nifti(folder / schema.RTDOSE_FILE)

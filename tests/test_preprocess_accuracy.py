@@ -3,9 +3,10 @@
 Three full-profile synthetic training cases go through ``preprocess_site`` end to end (NIfTI MR, DICOM
 CT + RTDOSE, ANTs registration, dose features); the recovered follow-up -> planning-CT transform and
 the four lesion dose features are set against ``truth.csv``. The plan dose falls by up to ~7 Gy/mm in
-the penumbra, so 0.5 Gy there needs ~0.1 mm of registration accuracy: only the 1 mm profile can hold
-it (bench/README.md, "Native step": 30 / 30 cases, worst 0.42 Gy); the coarser demo and tiny
-profiles are measured there, not pinned.
+the penumbra, so 0.5 Gy there needs ~0.1 mm of registration accuracy, which no resolution holds for
+every case of every cohort (bench/README.md, Registration: 30 / 30 full-profile cases; 78 / 79 of a demo
+cohort written at 1 mm; the 2 mm demo and 3 mm tiny cohorts are measured there). These three cases at
+the paper's resolution are pinned.
 """
 
 from __future__ import annotations
