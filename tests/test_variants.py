@@ -162,6 +162,15 @@ def test_multimodal_uses_the_images(cv_inputs, variant_aucs):
     ~0.03-0.10 AUC to a cross-validated logistic regression on the clinical features. Measured 2026-11-22
     (real; permuted): seed 0 0.807; 0.738-0.816 (fails), seed 1 0.806; 0.663-0.802 (passes); the site of
     seed 2 fails both tests of this file (its tokens mislead the head: real 0.41).
+
+    Designs tried on cohort seeds 0-2 (2026-11-23, scratch): weaker clinical effects (x0.35-0.75) with a
+    stronger pattern (pattern_weight 3-4) make the true u worth +0.06-0.22 AUC to the oracle, but the heads
+    do not follow: MRI-only scores 0.28-0.64, multimodal beats clinical-only by 0.00-0.04 and never on all
+    three seeds, also with 120 cases, 50-100 SSL epochs, or a lesion whose size and enhancement follow u. A
+    ridge probe from the frozen tokens to u reaches a Spearman of -0.27..+0.36: the tokens vary with where
+    the lesion is, not with how it looks, and Nyul standardisation pulls a bright lesion back onto the
+    landmarks (after it, u vs the T1CE 99.5th percentile: -0.77). What is missing is an encoder whose tokens
+    carry the lesion's appearance at this size, not a different cohort.
     """
     encoder, tokens, clinical, labels, _ = cv_inputs
     generator = torch.Generator().manual_seed(SEED)
