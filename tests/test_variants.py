@@ -169,8 +169,11 @@ def test_multimodal_uses_the_images(cv_inputs, variant_aucs):
     three seeds, also with 120 cases, 50-100 SSL epochs, or a lesion whose size and enhancement follow u. A
     ridge probe from the frozen tokens to u reaches a Spearman of -0.27..+0.36: the tokens vary with where
     the lesion is, not with how it looks, and Nyul standardisation pulls a bright lesion back onto the
-    landmarks (after it, u vs the T1CE 99.5th percentile: -0.77). What is missing is an encoder whose tokens
-    carry the lesion's appearance at this size, not a different cohort.
+    landmarks (after it, u vs the T1CE 99.5th percentile: -0.77). On the encoder side, tokens before the final
+    LayerNorm, the mean over layers, or the demo's 2.5 mm 64^3 grid (512 tokens) probe u at Spearman <= 0.68
+    even pooled, and the heads still fail on two of three seeds. u is in the images as an extreme-voxel
+    statistic (the brightest T1CE voxel: Spearman 0.85-0.89), which a linear patch embedding and two blocks
+    trained for 10 epochs to reconstruct do not isolate: the gap is the encoder's, not the cohort's.
     """
     encoder, tokens, clinical, labels, _ = cv_inputs
     generator = torch.Generator().manual_seed(SEED)
