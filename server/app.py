@@ -15,8 +15,11 @@ from server.run_dir import RunDir
 from server.study_runner import run_study
 
 
-def build_server_app(study: StudyConfig | None = None) -> ServerApp:
-    """The ServerApp; ``study`` replaces the run config (Flower's in-process simulation has none)."""
+def build_server_app(study: StudyConfig | None = None, *, expected_nodes: int = 0) -> ServerApp:
+    """The ServerApp; ``study`` replaces the run config (Flower's in-process simulation has none).
+
+    ``expected_nodes``: the simulation's SuperNode count, waited for before the first phase.
+    """
     app = ServerApp()
 
     @app.main()
@@ -27,7 +30,7 @@ def build_server_app(study: StudyConfig | None = None) -> ServerApp:
         if signing_key is None:
             log(WARNING, "signing-key is not set: models go out unsigned, and sites with a model_signing_key "
                 "will refuse them. Fix: psp-server certs makes model_signing.pem; pass signing-key=<its path>.")
-        run_study(grid, config, RunDir(run_dir, signing_key=signing_key))
+        run_study(grid, config, RunDir(run_dir, signing_key=signing_key), expected_nodes=expected_nodes)
 
     return app
 

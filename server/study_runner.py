@@ -73,6 +73,7 @@ class Federation:
     sites: list[Site] = field(default_factory=list)
     rounds: list[dict] = field(default_factory=list)
     sent_to: dict[str, int] = field(default_factory=dict)  # message id -> destination node
+    expected_nodes: int = 0  # simulation: its SuperNodes, registered while the ServerApp starts
 
     def sign(self, content: RecordDict) -> bytes | None:
         """The study's signature over a message's arrays (None when the study has no signing key)."""
@@ -102,15 +103,16 @@ class Federation:
         return self.sent_to.get(reply.metadata.reply_to_message_id, reply.metadata.src_node_id)
 
 
-def run_study(grid: Grid, study: StudyConfig, run: RunDir) -> dict:
+def run_study(grid: Grid, study: StudyConfig, run: RunDir, *, expected_nodes: int = 0) -> dict:
     """Run the study's phases; return the final metrics (also written to ``metrics.json``).
 
-    ``timings.json`` records the wall seconds of every phase and of the whole study.
+    ``timings.json`` records the wall seconds of every phase and of the whole study. ``expected_nodes``:
+    nodes to wait for before ``stats`` besides ``min-sites`` (a simulation knows how many it starts).
     """
     random.seed(study.seed)
     run.root.mkdir(parents=True, exist_ok=True)
     run.write_json("config.json", study.to_run_config())
-    fed = Federation(grid, study, run)
+    fed = Federation(grid, study, run, expected_nodes=expected_nodes)
     timings: dict[str, float] = {}
 
     def timed(name: str, work):
@@ -524,8 +526,12 @@ def _git_commit() -> str | None:
 
 
 def _wait_for_nodes(fed: Federation) -> list[int]:
-    """Connected nodes, once at least ``min-sites`` (or one) are there; a clear error after the timeout."""
-    needed = max(1, fed.study.min_sites)
+    """Connected nodes, once at least ``min-sites``, the expected nodes (or one) are there; an error after the timeout.
+
+    Flower's simulation registers its SuperNodes while the ServerApp starts: without waiting for all of them,
+    a study could begin with the few registered so far and train without its training site.
+    """
+    needed = max(1, fed.study.min_sites, fed.expected_nodes)
     deadline = time.monotonic() + fed.study.round_timeout
     while len(node_ids := sorted(fed.grid.get_node_ids())) < needed:
         if time.monotonic() > deadline:

@@ -29,7 +29,7 @@ def simulate_study(study: StudyConfig, *, verbose: bool = False) -> Path:
         warnings.filterwarnings("ignore", category=FutureWarning)
         os.environ.setdefault("RAY_DEDUP_LOGS", "1")
         run_simulation(
-            server_app=build_server_app(study),
+            server_app=build_server_app(study, expected_nodes=n_sites),
             client_app=build_client_app(study),
             num_supernodes=n_sites,
             backend_config={"client_resources": resources, "init_args": {"num_cpus": os.cpu_count() or 1}},

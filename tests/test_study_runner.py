@@ -40,3 +40,29 @@ def test_stats_from_fewer_than_min_sites_stops_the_study_naming_each_site(
     assert "0 of the 2 connected sites sent statistics, min-sites = 2" in message
     assert "failed: {1: 'site statistics failed'}" in message and "no reply within round-timeout: [2]" in message
     assert not (tmp_path / "stats.json").exists()
+
+
+class RegisteringGrid:
+    """Flower's simulation registers its nodes while the ServerApp starts: one node at first, then three."""
+
+    def __init__(self) -> None:
+        self.polls, self.destinations = 0, []
+
+    def get_node_ids(self) -> Iterable[int]:
+        self.polls += 1
+        return [1] if self.polls == 1 else [1, 2, 3]
+
+    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
+        self.destinations += [m.metadata.dst_node_id for m in messages]
+        return []
+
+
+def test_stats_waits_for_every_simulated_node(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(TaskIdentity, "_run_id", 7)
+    monkeypatch.setattr(TaskIdentity, "_node_id", 1)
+    monkeypatch.setattr(TaskIdentity, "_task_id", 1)
+    grid = RegisteringGrid()
+    fed = Federation(grid, StudyConfig(profile="tiny", round_timeout=5.0), RunDir(tmp_path), expected_nodes=3)
+    with pytest.raises(StudyError, match="no ssl or training site sent statistics"):
+        phase_stats(fed)
+    assert grid.destinations == [1, 2, 3]
