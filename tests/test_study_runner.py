@@ -28,11 +28,15 @@ class ScriptedGrid:
                 for m in messages if m.metadata.dst_node_id == 1]
 
 
-def test_stats_from_fewer_than_min_sites_stops_the_study_naming_each_site(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(TaskIdentity, "_run_id", 7)  # Flower sets all three in a real ServerApp process
+@pytest.fixture(autouse=True)
+def task_identity(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The run, node and task ids ``Message(...)`` needs; Flower sets all three in a real ServerApp process."""
+    monkeypatch.setattr(TaskIdentity, "_run_id", 7)
     monkeypatch.setattr(TaskIdentity, "_node_id", 1)
     monkeypatch.setattr(TaskIdentity, "_task_id", 1)
+
+
+def test_stats_from_fewer_than_min_sites_stops_the_study_naming_each_site(tmp_path: Path) -> None:
     fed = Federation(ScriptedGrid(), StudyConfig(profile="tiny", min_sites=2, round_timeout=5.0), RunDir(tmp_path))
     with pytest.raises(StudyError) as raised:
         phase_stats(fed)
@@ -57,10 +61,7 @@ class RegisteringGrid:
         return []
 
 
-def test_stats_waits_for_every_simulated_node(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(TaskIdentity, "_run_id", 7)
-    monkeypatch.setattr(TaskIdentity, "_node_id", 1)
-    monkeypatch.setattr(TaskIdentity, "_task_id", 1)
+def test_stats_waits_for_every_simulated_node(tmp_path: Path) -> None:
     grid = RegisteringGrid()
     fed = Federation(grid, StudyConfig(profile="tiny", round_timeout=5.0), RunDir(tmp_path), expected_nodes=3)
     with pytest.raises(StudyError, match="no ssl or training site sent statistics"):

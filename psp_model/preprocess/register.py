@@ -261,24 +261,25 @@ def register_mr_to_ct(
         moving = _downsampled(mr_unit, t1ce.affine, config.voxel_mm)
         native_step = config.native_iterations > 0 and (fixed[0] is not ct_unit or moving[0] is not mr_unit)
         iterations, shrink, sigmas, sampling = config.pyramid(final=not native_step)
-        levels = [(fixed, moving, iterations, shrink, sigmas, sampling, None)]
+        pyramid = (fixed, moving, iterations, shrink, sigmas, sampling, None)
         if native_step:
-            levels.append(((ct_unit, ct.affine), (mr_unit, t1ce.affine), (config.native_iterations,), (1,),
-                           (0.0,), config.native_sampling_rate, None))
+            levels = [pyramid, ((ct_unit, ct.affine), (mr_unit, t1ce.affine), (config.native_iterations,), (1,),
+                                (0.0,), config.native_sampling_rate, None)]
         elif config.refine_iterations > 0:
             interior = _eroded(mr_foreground, t1ce.affine, config.refine_erosion_mm)
             if not interior.any():
                 raise InputError(f"T1CE foreground is thinner than 2 x {config.refine_erosion_mm:g} mm "
                                  "(RegistrationConfig.refine_erosion_mm): not a head MR, or a cropped one?")
             interior_image = _ants_image(ants, interior.astype(np.float32), t1ce.affine)
-            levels = []
-            if len(iterations) > 1:
-                levels.append((fixed, moving, iterations[:-1], shrink[:-1], sigmas[:-1], sampling, None))
-            levels += [
+            coarse = (fixed, moving, iterations[:-1], shrink[:-1], sigmas[:-1], sampling, None)
+            levels = [
+                *([coarse] if len(iterations) > 1 else []),
                 (fixed, moving, iterations[-1:], shrink[-1:], sigmas[-1:], sampling, interior_image),
                 ((_window(ct_hu, config.refine_ct_window_hu), ct.affine), (mr_unit, t1ce.affine),
                  (config.refine_iterations,), (1,), (0.0,), config.refine_sampling_rate, interior_image),
             ]
+        else:
+            levels = [pyramid]
         printed = ""
         for stage, (fixed, moving, iterations, shrink, sigmas, sampling, mr_mask) in enumerate(levels):
             fixed_image = _ants_image(ants, *fixed)
