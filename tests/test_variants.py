@@ -183,6 +183,9 @@ def test_multimodal_uses_the_images(cv_inputs, variant_aucs):
     30-100 epochs on those tokens. None passes both tests on more than one seed; at seed 2 permuted tokens
     score 0.78-0.84 against 0.71-0.76 for the real ones, and MRI-only stays at 0.27-0.60: 48 training cases
     per fold do not let a head over frozen tokens find the lesion pattern even where the tokens carry it.
+    The closest design so far: all of that (50 SSL epochs) with 120 training cases and clinical effects x0.75,
+    pattern_weight 3.0 passes on seeds 0 and 2 and misses seed 1 by 0.004 (0.750 vs 0.754 permuted); with
+    the default label model it fails on all three (clinical + u adds only 0.03-0.08 to a logistic oracle).
     """
     encoder, tokens, clinical, labels, _ = cv_inputs
     generator = torch.Generator().manual_seed(SEED)
