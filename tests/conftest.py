@@ -22,7 +22,11 @@ import pytest  # noqa: E402
 
 @pytest.fixture(scope="session")
 def tiny_cohort(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The ``tiny`` synthetic cohort (seed 0), generated once per test session (~15 s CPU); read-only.
+    """The ``tiny`` synthetic cohort (seed 0), generated once per test process (~15 s CPU).
+
+    Read-only except for the sites' preprocessing caches (``tiny_cohort_preprocessed``), which live in
+    the cohort: so under ``make test`` each xdist worker builds a cohort of its own rather than two
+    workers filling one cache at once.
 
     Layout: see :mod:`simulation.cohort` (five sites, ``site_configs/``, ``truth.csv``). One process:
     forking a pytest process that may already hold torch's thread pools is not safe.
