@@ -164,28 +164,8 @@ def test_multimodal_uses_the_images(cv_inputs, variant_aucs):
     (real; permuted): seed 0 0.807; 0.738-0.816 (fails), seed 1 0.806; 0.663-0.802 (passes); the site of
     seed 2 fails both tests of this file (its tokens mislead the head: real 0.41).
 
-    Designs tried on cohort seeds 0-2 (2026-11-23, scratch): weaker clinical effects (x0.35-0.75) with a
-    stronger pattern (pattern_weight 3-4) make the true u worth +0.06-0.22 AUC to the oracle, but the heads
-    do not follow: MRI-only scores 0.28-0.64, multimodal beats clinical-only by 0.00-0.04 and never on all
-    three seeds, also with 120 cases, 50-100 SSL epochs, or a lesion whose size and enhancement follow u. A
-    ridge probe from the frozen tokens to u reaches a Spearman of -0.27..+0.36: the tokens vary with where
-    the lesion is, not with how it looks, and Nyul standardisation pulls a bright lesion back onto the
-    landmarks (after it, u vs the T1CE 99.5th percentile: -0.77). On the encoder side, tokens before the final
-    LayerNorm, the mean over layers, or the demo's 2.5 mm 64^3 grid (512 tokens) probe u at Spearman <= 0.68
-    even pooled, and the heads still fail on two of three seeds. u is in the images as an extreme-voxel
-    statistic (the brightest T1CE voxel: Spearman 0.85-0.89), which a linear patch embedding and two blocks
-    trained for 10 epochs to reconstruct do not isolate: the gap is the encoder's, not the cohort's.
-
-    Tried on seeds 0-2 (2026-11-23, scratch): Nyul percentiles taken on the brain outside the lesion labels
-    (u vs standardised FLAIR max -0.71 -> +0.43..+0.79, but the token probe stays -0.24..+0.42); that plus
-    the lesion whose size and enhancement follow u (u vs T1CE 99.5th percentile +0.93, lesion volume +0.96);
-    that plus 50 or 150 SSL epochs (probe up to +0.50/+0.65/+0.59); and heads trained at lr 3e-4-1e-3 for
-    30-100 epochs on those tokens. None passes both tests on more than one seed; at seed 2 permuted tokens
-    score 0.78-0.84 against 0.71-0.76 for the real ones, and MRI-only stays at 0.27-0.60: 48 training cases
-    per fold do not let a head over frozen tokens find the lesion pattern even where the tokens carry it.
-    The closest design so far: all of that (50 SSL epochs) with 120 training cases and clinical effects x0.75,
-    pattern_weight 3.0 passes on seeds 0 and 2 and misses seed 1 by 0.004 (0.750 vs 0.754 permuted); with
-    the default label model it fails on all three (clinical + u adds only 0.03-0.08 to a logistic oracle).
+    The designs tried to make it pass (other Nyul references, u-driven lesions, longer SSL, harder-trained
+    heads, 120 cases, weaker clinical effects) and what each showed: docs/MODEL_VALIDATION.md.
     """
     encoder, tokens, clinical, labels, _ = cv_inputs
     generator = torch.Generator().manual_seed(SEED)
